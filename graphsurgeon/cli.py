@@ -1,0 +1,266 @@
+"""The ``graphsurgeon`` command line.
+
+Every user error exits with code 2 and one line ``graphsurgeon: error: <file>: <problem>``;
+a failed verification exits with 3. Outputs are written atomically, so a failed run leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from graphsurgeon.errors import GraphSurgeonError
+
+
+def _human(n: float | int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{suffix}{unit}" if suffix else f"{n:g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P{unit}"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        default=[],
+        help="give an input fixed dims, e.g. input=1x3x224x224 (repeatable)",
+    )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphsurgeon.inspect_model import inspect_model
+    from graphsurgeon.model_io import load
+    from graphsurgeon.shapes import parse_shape_args
+
+    model = load(args.model, shapes=parse_shape_args(args.shape))
+    info = inspect_model(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.table import Table
+
+    con = _console()
+    con.print(f"[bold]{args.model}[/]  IR {info['ir_version']}  opsets {info['opsets']}  {info['producer']}")
+    io = Table(title="inputs and outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape", "dynamic dims"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"] or "?", v["shape"], ", ".join(v["dynamic_dims"]) or "-")
+    con.print(io)
+    ops = Table(title="ops", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    con.print(ops)
+    lt = Table(title="layers", title_justify="left")
+    for col in ("id", "op", "weight", "output", "params", "MACs", "FLOPs", "bytes"):
+        lt.add_column(col, justify="right" if col in ("params", "MACs", "FLOPs", "bytes") else "left")
+    for row in info["layers"]:
+        lt.add_row(
+            row["id"], row["op"], "x".join(map(str, row["weight_shape"])),
+            "x".join(map(str, row["output_shape"])) if row["output_shape"] else "?",
+            _human(row["params"]), _human(row["macs"]), _human(row["flops"]), _human(row["bytes"], "B"),
+        )
+    con.print(lt)
+    t = info["totals"]
+    con.print(
+        f"[bold]totals[/]: {t['nodes']} nodes, {t['layers']} layers, {_human(t['params'])} params, "
+        f"{_human(t['bytes'], 'B')} weights, {_human(t['macs'])} MACs, {_human(t['flops'])} FLOPs"
+        + ("" if t["flops"] is not None else "  (FLOPs need static shapes: pass --shape)")
+    )
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from graphsurgeon.options import describe_options
+    from graphsurgeon.registry import all_passes
+
+    rows = []
+    for name, cls in all_passes().items():
+        rows.append(
+            {
+                "name": name,
+                "kind": cls.kind,
+                "targets": cls.supports_targets,
+                "doc": (cls.__doc__ or "").strip().split("\n")[0],
+                "options": describe_options(cls.Options),
+                "module": cls.__module__,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="registered passes", title_justify="left", show_lines=True)
+    for col in ("pass", "kind", "targets", "options (default; search space)", "what it does"):
+        table.add_column(col)
+    for r in rows:
+        opts = "\n".join(
+            f"{o['name']}: {o['type']} = {o['default']!r}"
+            + (f"; {_space_text(o['search_space'])}" if o["search_space"] else "")
+            for o in r["options"]
+        ) or "-"
+        table.add_row(r["name"], r["kind"], "yes" if r["targets"] else "no", opts, r["doc"])
+    _console().print(table)
+    return 0
+
+
+def _space_text(space: dict[str, Any]) -> str:
+    if space["kind"] == "choice":
+        return "one of " + ", ".join(map(str, space["values"]))
+    log = " log" if space.get("log") else ""
+    return f"{space['kind']} in [{space['low']}, {space['high']}]{log}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from graphsurgeon.instruments import IRDump, PassRecord, default_instruments
+    from graphsurgeon.model_io import atomic_write, load, save
+    from graphsurgeon.pipeline import compile_pipeline, run_pipeline
+    from graphsurgeon.shapes import parse_shape_args
+
+    out = Path(args.output)
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise GraphSurgeonError("output folder does not exist", where=out.parent)
+    if args.report and not Path(args.report).parent.is_dir() and str(Path(args.report).parent):
+        raise GraphSurgeonError("report folder does not exist", where=Path(args.report).parent)
+    steps = compile_pipeline(args.pipeline)  # validate the pipeline before loading the model
+    model = load(args.model, shapes=parse_shape_args(args.shape))
+    instruments = default_instruments()
+    if args.dump_ir:
+        instruments.insert(0, IRDump(args.dump_ir))
+    con = _console()
+    from rich.table import Table
+
+    table = Table(title=f"{args.pipeline} on {args.model}", title_justify="left")
+    for col in ("step", "pass", "kind", "changed", "time", "nodes", "params", "weights", "drift"):
+        table.add_column(col, justify="right" if col in ("time",) else "left")
+
+    def arrow(b: Any, a: Any, fmt=_human) -> str:
+        return fmt(b) if b == a else f"{fmt(b)} -> {fmt(a)}"
+
+    def add_row(r: PassRecord) -> None:
+        b, a = r.before, r.after
+        drift = "-"
+        if r.drift:
+            drift = "; ".join(f"{k}: cos {v['cosine']:.4f}" for k, v in list(r.drift.items())[:2])
+        table.add_row(
+            r.step, r.name, r.kind, "yes" if r.modified else "no", f"{r.time_s * 1000:.1f} ms",
+            arrow(b.nodes, a.nodes, str) if b and a else "?",
+            arrow(b.params, a.params) if b and a else "?",
+            arrow(b.bytes, a.bytes, lambda n: _human(n, "B")) if b and a else "?",
+            drift,
+        )
+
+    with con.status("running passes...", spinner="dots") if sys.stderr.isatty() else _nullcontext():
+        result = run_pipeline(
+            model,
+            steps,
+            calib=args.calib,
+            verify=args.verify,
+            instruments=instruments,
+            on_record=add_row,
+        )
+    con.print(table)
+    written = save(result.model, out)
+    total_time = sum(r.time_s for r in result.records)
+    if result.records and result.records[0].before and result.records[-1].after:
+        b, a = result.records[0].before, result.records[-1].after
+        con.print(
+            f"nodes {b.nodes} -> {a.nodes}, weights {_human(b.bytes, 'B')} -> {_human(a.bytes, 'B')}, "
+            f"passes took {total_time:.2f} s; verify={args.verify}"
+        )
+    if result.drift_vs_original:
+        con.print(f"drift vs original: {json.dumps(result.drift_vs_original)}")
+    con.print(f"wrote {', '.join(map(str, written))}")
+    if args.report:
+        report = {
+            "model": os.fspath(args.model),
+            "output": os.fspath(out),
+            "pipeline": os.fspath(args.pipeline),
+            "verify": args.verify,
+            **result.to_dict(),
+        }
+        with atomic_write(args.report) as f:
+            json.dump(report, f, indent=2, default=str)
+        con.print(f"wrote {args.report}")
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphsurgeon import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="graphsurgeon",
+        description="Verified rewrite passes, compression and autotuning for ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"graphsurgeon {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="ops, inputs/outputs, per-layer params and FLOPs")
+    p.add_argument("model")
+    _add_shape(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("passes", help="list registered passes with options and search spaces")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("run", help="run a pass pipeline on a model")
+    p.add_argument("pipeline", help="YAML/JSON pipeline file, a named pipeline (cleanup) or a pass name")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    _add_shape(p)
+    p.add_argument("--calib", help=".npz inputs keyed by input name (leading sample axis)")
+    p.add_argument("--verify", choices=["structural", "numeric", "off"], default="structural")
+    p.add_argument("--report", help="write per-pass statistics as JSON")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR as text after every pass")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GraphSurgeonError as e:
+        if args.debug:
+            raise
+        print(f"graphsurgeon: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("graphsurgeon: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

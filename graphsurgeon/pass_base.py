@@ -1,0 +1,86 @@
+"""The pass contract.
+
+A graphsurgeon pass is an ``onnx_ir`` in-place pass with a registry name, a kind, an options
+schema (see :mod:`graphsurgeon.options`) and a target selector. ``call`` returns
+``PassResult(model, modified)`` where ``modified`` is exact: True if and only if the graph
+changed. Statistics (nodes, params, bytes, FLOPs per layer, before and after) and timing are
+gathered by instruments around the pass, not inside it; a pass adds only what it alone knows,
+through :meth:`GSPass.note` and :meth:`GSPass.skip` (why a node was left alone).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+from pydantic import ValidationError
+
+from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.options import NoOptions, PassOptions
+from graphsurgeon.targets import Targets
+
+PassKind = Literal["exact", "lossy", "surgery"]
+
+__all__ = ["GSPass", "PassKind", "PassResult"]
+
+
+class GSPass(InPlacePass):
+    """Base class of every registered pass."""
+
+    name: ClassVar[str]
+    kind: ClassVar[PassKind] = "exact"
+    Options: ClassVar[type[PassOptions]] = NoOptions
+    #: Whole-graph passes (dead code, CSE...) cannot honour a node selector; they refuse one.
+    supports_targets: ClassVar[bool] = True
+
+    def __init__(
+        self, options: PassOptions | dict[str, Any] | None = None, targets: Targets | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(options, PassOptions):
+            self.options = options
+        else:
+            try:
+                self.options = self.Options(**(options or {}))
+            except ValidationError as e:
+                raise GraphSurgeonError(f"pass {self.name}: {format_validation_error(e)}") from None
+        self.targets = targets or Targets()
+        if not self.supports_targets and not self.targets.empty:
+            raise GraphSurgeonError(
+                f"pass {self.name} works on the whole graph and does not take targets"
+            )
+        self.notes: dict[str, Any] = {}
+        self.skipped: Counter[str] = Counter()
+
+    # -- helpers for subclasses -------------------------------------------------------
+    def selects(self, node: ir.Node) -> bool:
+        return self.targets.selects(node)
+
+    def skip(self, node: ir.Node, reason: str) -> None:
+        """Record that ``node`` was left alone, and why (shown in the pass statistics)."""
+        self.skipped[reason] += 1
+
+    def note(self, key: str, value: Any) -> None:
+        self.notes[key] = value
+
+    def report(self) -> dict[str, Any]:
+        out = dict(self.notes)
+        if self.skipped:
+            out["skipped"] = dict(self.skipped)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """``options.sparsity: Input should be less than 1 (got 1.5)`` - one line per pydantic error."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "value"
+        got = err.get("input")
+        got_text = "" if err["type"] == "missing" else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{got_text}")
+    return "; ".join(parts)
