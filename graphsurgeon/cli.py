@@ -30,7 +30,8 @@ def _human(n: float | int | None, unit: str = "") -> str:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Piped output (CI logs, files) gets a fixed width instead of rich's 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 def _add_shape(p: argparse.ArgumentParser) -> None:
@@ -53,31 +54,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     con = _console()
-    con.print(f"[bold]{args.model}[/]  IR {info['ir_version']}  opsets {info['opsets']}  {info['producer']}")
+    con.print(
+        f"[bold]{escape(str(args.model))}[/]  IR {info['ir_version']}  opsets {info['opsets']}  {info['producer']}"
+    )
     io = Table(title="inputs and outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape", "dynamic dims"):
         io.add_column(col)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            io.add_row(kind[:-1], v["name"], v["dtype"] or "?", v["shape"], ", ".join(v["dynamic_dims"]) or "-")
+            # Shapes like "[batch, 3, 224, 224]" would otherwise be read as rich markup tags.
+            io.add_row(
+                kind[:-1],
+                escape(v["name"]),
+                v["dtype"] or "?",
+                escape(v["shape"]),
+                escape(", ".join(v["dynamic_dims"])) or "-",
+            )
     con.print(io)
     ops = Table(title="ops", title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, n in info["ops"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(escape(op), str(n))
     con.print(ops)
     lt = Table(title="layers", title_justify="left")
     for col in ("id", "op", "weight", "output", "params", "MACs", "FLOPs", "bytes"):
-        lt.add_column(col, justify="right" if col in ("params", "MACs", "FLOPs", "bytes") else "left")
+        lt.add_column(
+            col, justify="right" if col in ("params", "MACs", "FLOPs", "bytes") else "left"
+        )
     for row in info["layers"]:
         lt.add_row(
-            row["id"], row["op"], "x".join(map(str, row["weight_shape"])),
+            escape(row["id"]),
+            row["op"],
+            "x".join(map(str, row["weight_shape"])),
             "x".join(map(str, row["output_shape"])) if row["output_shape"] else "?",
-            _human(row["params"]), _human(row["macs"]), _human(row["flops"]), _human(row["bytes"], "B"),
+            _human(row["params"]),
+            _human(row["macs"]),
+            _human(row["flops"]),
+            _human(row["bytes"], "B"),
         )
     con.print(lt)
     t = info["totals"]
@@ -114,11 +132,14 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for col in ("pass", "kind", "targets", "options (default; search space)", "what it does"):
         table.add_column(col)
     for r in rows:
-        opts = "\n".join(
-            f"{o['name']}: {o['type']} = {o['default']!r}"
-            + (f"; {_space_text(o['search_space'])}" if o["search_space"] else "")
-            for o in r["options"]
-        ) or "-"
+        opts = (
+            "\n".join(
+                f"{o['name']}: {o['type']} = {o['default']!r}"
+                + (f"; {_space_text(o['search_space'])}" if o["search_space"] else "")
+                for o in r["options"]
+            )
+            or "-"
+        )
         table.add_row(r["name"], r["kind"], "yes" if r["targets"] else "no", opts, r["doc"])
     _console().print(table)
     return 0
@@ -138,15 +159,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from graphsurgeon.shapes import parse_shape_args
 
     out = Path(args.output)
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise GraphSurgeonError("output folder does not exist", where=out.parent)
-    if args.report and not Path(args.report).parent.is_dir() and str(Path(args.report).parent):
-        raise GraphSurgeonError("report folder does not exist", where=Path(args.report).parent)
+    _check_writable(out, "output")
+    if args.report:
+        _check_writable(Path(args.report), "report")
     steps = compile_pipeline(args.pipeline)  # validate the pipeline before loading the model
     model = load(args.model, shapes=parse_shape_args(args.shape))
     instruments = default_instruments()
     if args.dump_ir:
-        instruments.insert(0, IRDump(args.dump_ir))
+        try:
+            instruments.insert(0, IRDump(args.dump_ir))
+        except OSError as e:
+            raise GraphSurgeonError(
+                f"cannot create the IR dump folder: {e.strerror}", where=args.dump_ir
+            ) from None
     con = _console()
     from rich.table import Table
 
@@ -163,7 +188,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if r.drift:
             drift = "; ".join(f"{k}: cos {v['cosine']:.4f}" for k, v in list(r.drift.items())[:2])
         table.add_row(
-            r.step, r.name, r.kind, "yes" if r.modified else "no", f"{r.time_s * 1000:.1f} ms",
+            r.step.split(" ")[0],
+            r.name,
+            r.kind,
+            "yes" if r.modified else "no",
+            f"{r.time_s * 1000:.1f} ms",
             arrow(b.nodes, a.nodes, str) if b and a else "?",
             arrow(b.params, a.params) if b and a else "?",
             arrow(b.bytes, a.bytes, lambda n: _human(n, "B")) if b and a else "?",
@@ -171,14 +200,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     with con.status("running passes...", spinner="dots") if sys.stderr.isatty() else _nullcontext():
-        result = run_pipeline(
-            model,
-            steps,
-            calib=args.calib,
-            verify=args.verify,
-            instruments=instruments,
-            on_record=add_row,
-        )
+        try:
+            result = run_pipeline(
+                model,
+                steps,
+                calib=args.calib,
+                verify=args.verify,
+                instruments=instruments,
+                on_record=add_row,
+            )
+        except GraphSurgeonError as e:
+            if e.where is None:  # about the model as a whole (onnxruntime cannot run it...)
+                raise type(e)(e.problem, where=args.model) from None
+            raise
     con.print(table)
     written = save(result.model, out)
     total_time = sum(r.time_s for r in result.records)
@@ -199,10 +233,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             "verify": args.verify,
             **result.to_dict(),
         }
-        with atomic_write(args.report) as f:
-            json.dump(report, f, indent=2, default=str)
+        try:
+            with atomic_write(args.report) as f:
+                json.dump(report, f, indent=2, default=str)
+        except BaseException:  # all or nothing: no model without its report
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         con.print(f"wrote {args.report}")
     return 0
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail before any work is done if ``path`` cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise GraphSurgeonError(f"{what} folder does not exist", where=folder)
+    if path.is_dir():
+        raise GraphSurgeonError(f"{what} path is a folder, not a file", where=path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GraphSurgeonError(f"{what} folder is not writable", where=folder)
 
 
 class _nullcontext:
@@ -235,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("run", help="run a pass pipeline on a model")
-    p.add_argument("pipeline", help="YAML/JSON pipeline file, a named pipeline (cleanup) or a pass name")
+    p.add_argument(
+        "pipeline", help="YAML/JSON pipeline file, a named pipeline (cleanup) or a pass name"
+    )
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     _add_shape(p)

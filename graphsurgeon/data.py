@@ -47,10 +47,7 @@ class Dataset:
                 if i + step <= len(self) or not self.fixed_batch
             ]
         return [
-            {
-                k: (a[i : i + 1] if self.batched[k] else a[i])
-                for k, a in self.arrays.items()
-            }
+            {k: (a[i : i + 1] if self.batched[k] else a[i]) for k, a in self.arrays.items()}
             for i in range(n)
         ]
 
@@ -67,6 +64,8 @@ def load_npz(path: str | os.PathLike, model: ir.Model) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", where=path)
+    if not zipfile.is_zipfile(path):  # np.load would take other bytes for .npy or a pickle
+        raise DataError("not a .npz file (an .npz is a zip of arrays; see numpy.savez)", where=path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -97,6 +96,8 @@ def load_npz(path: str | os.PathLike, model: ir.Model) -> Dataset:
         counts.add(len(array))
     if len(counts) > 1:
         raise DataError(f"inputs have different sample counts {sorted(counts)}", where=path)
+    if counts == {0}:
+        raise DataError("has no samples", where=path)
     if labels is not None and len(labels) != counts.pop():
         raise DataError("labels has a different sample count than the inputs", where=path)
     if len(fixed) > 1:
@@ -126,7 +127,7 @@ def _check_shape(value: ir.Value, array: np.ndarray, path: Path) -> bool:
             where=path,
         )
     got = array.shape[1:]
-    for i, (d, g) in enumerate(zip(per_sample, got)):
+    for i, (d, g) in enumerate(zip(per_sample, got, strict=False)):
         if isinstance(d, int) and d != g:
             raise DataError(
                 f"input {value.name!r} has shape {list(array.shape)}; dim {i + (1 if batched else 0)} "

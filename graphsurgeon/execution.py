@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphsurgeon.data import Feed
+from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.model_io import EXTERNAL_DATA_THRESHOLD, has_external_data, save, weight_bytes
 
 
@@ -30,15 +32,26 @@ def make_session(
         tmp = Path(tempfile.mkdtemp(prefix="gs-ort-"))
         try:
             save(model, tmp / "model.onnx", external_data=True)
-            return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=providers)
+            return _session(str(tmp / "model.onnx"), options, providers)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     data = ir.to_proto(model).SerializeToString()
-    return ort.InferenceSession(data, options, providers=providers)
+    return _session(data, options, providers)
+
+
+def _session(
+    model: str | bytes, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as e:  # a model ORT cannot run: newer IR version, custom op, ...
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip())
+        text = re.sub(r"^\S+\.(?:cc|h):\d+ [\w:~<>]+\([^()]*\) ", "", text)  # source location
+        raise GraphSurgeonError(f"onnxruntime cannot run the model: {text[:500]}") from None
 
 
 def run(session: ort.InferenceSession, feed: Feed) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     outputs = session.run(names, {k: v for k, v in feed.items() if k in wanted})
-    return dict(zip(names, outputs))
+    return dict(zip(names, outputs, strict=False))

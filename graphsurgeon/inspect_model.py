@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from graphsurgeon.layers import find_layers
-from graphsurgeon.shapes import format_shape
+from graphsurgeon.shapes import ShapeInferencePass, format_shape
 from graphsurgeon.stats import model_stats, op_histogram
 
 
@@ -24,9 +23,7 @@ def inspect_model(model: ir.Model) -> dict[str, Any]:
                 "name": v.name,
                 "dtype": v.dtype.name if v.dtype is not None else None,
                 "shape": format_shape(v.shape),
-                "dynamic_dims": [
-                    d.value or "?" for d in (v.shape or []) if not isinstance(d, int)
-                ],
+                "dynamic_dims": [d.value or "?" for d in (v.shape or []) if not isinstance(d, int)],
             }
             for v in values
             if not v.is_initializer()
@@ -58,7 +55,9 @@ def inspect_model(model: ir.Model) -> dict[str, Any]:
             "layers": len(layers),
             "params": stats.params,
             "bytes": stats.bytes,
-            "macs": None if stats.flops is None else sum(s.macs or 0 for s in stats.layers.values()),
+            "macs": None
+            if stats.flops is None
+            else sum(s.macs or 0 for s in stats.layers.values()),
             "flops": stats.flops,
         },
     }

@@ -43,7 +43,11 @@ class PassRecord:
         for lid in sorted(set(self.before.layers) | set(self.after.layers)):
             b, a = self.before.layers.get(lid), self.after.layers.get(lid)
             keys = ("params", "bytes", "flops")
-            if b is not None and a is not None and all(getattr(b, k) == getattr(a, k) for k in keys):
+            if (
+                b is not None
+                and a is not None
+                and all(getattr(b, k) == getattr(a, k) for k in keys)
+            ):
                 continue
             changes[lid] = {
                 k: [getattr(b, k) if b else None, getattr(a, k) if a else None] for k in keys
@@ -72,12 +76,10 @@ class PassRecord:
 
 
 class Instrument:
-    def before(self, step: str, pass_: GSPass, model: ir.Model) -> None:  # noqa: B027
+    def before(self, step: str, pass_: GSPass, model: ir.Model) -> None:
         pass
 
-    def after(  # noqa: B027
-        self, step: str, pass_: GSPass, model: ir.Model, record: PassRecord
-    ) -> None:
+    def after(self, step: str, pass_: GSPass, model: ir.Model, record: PassRecord) -> None:
         pass
 
 
@@ -126,14 +128,25 @@ class PeakMemory(Instrument):
 
 
 class Statistics(Instrument):
-    """Nodes, params, bytes and FLOPs, model-wide and per layer, before and after."""
+    """Nodes, params, bytes and FLOPs, model-wide and per layer, before and after.
+
+    A pass that reports ``modified=False`` left the model as it was, so its statistics are
+    reused rather than recomputed; so are the last pass's "after" as the next one's "before".
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[ir.Model, ModelStats] | None = None
 
     def before(self, step: str, pass_: GSPass, model: ir.Model) -> None:
-        self._before = model_stats(model)
+        if self._last is not None and self._last[0] is model:
+            self._before = self._last[1]
+        else:
+            self._before = model_stats(model)
 
     def after(self, step: str, pass_: GSPass, model: ir.Model, record: PassRecord) -> None:
         record.before = self._before
-        record.after = model_stats(model)
+        record.after = model_stats(model) if record.modified else self._before
+        self._last = (model, record.after)
 
 
 class IRDump(Instrument):

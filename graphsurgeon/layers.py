@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 LAYER_ID_KEY = "graphsurgeon.layer_id"
-LAYER_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Gather"})
+LAYER_OP_TYPES = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Gather"}
+)
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )

@@ -12,6 +12,7 @@ the same model gives byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from graphsurgeon.errors import GraphSurgeonError, ModelError
 from graphsurgeon.shapes import apply_input_shapes
+from graphsurgeon.stream_save import save_embedded
 
 # Protobuf cannot serialize messages over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -55,14 +57,45 @@ def load(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None 
         )
     check_external_data(proto, path.parent, where=path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _captured_ir_warnings() as warned:
+            model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelError(f"cannot convert to the IR: {_first_line(e)}", where=path) from None
+    if warned:  # onnx_ir logs (instead of raising) when a graph reads undefined values
+        raise ModelError(f"invalid graph: {warned[0]}", where=path)
     ir.external_data.set_base_dir(model.graph, os.fspath(path.parent))
     check_model(model, where=path)
     if shapes:
         apply_input_shapes(model, shapes, where=os.fspath(path))
     return model
+
+
+@contextlib.contextmanager
+def _captured_ir_warnings() -> Iterator[list[str]]:
+    """Keep onnx_ir's deserialization warnings off stderr; collect those that mean the graph
+    is invalid (a node input or graph output that nothing defines) as messages."""
+    invalid: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if "cannot be found in any scope" in str(record.msg) and len(args) >= 4:
+                invalid.append(
+                    f"node {args[1]!r} ({args[3]}) reads {args[0]!r}, which no node, graph "
+                    "input or initializer defines"
+                )
+            elif "is not produced by any node" in str(record.msg) and args:
+                invalid.append(f"graph output {args[0]!r} is not produced by any node")
+
+    logger = logging.getLogger("onnx_ir")
+    handler, propagate = Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield invalid
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def check_model(model: ir.Model, *, where: str | os.PathLike | None = None) -> None:
@@ -127,15 +160,46 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, *, where: Path) 
             raise ModelError(
                 f"tensor {name!r}: external data file {location!r} is missing", where=where
             )
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        size = target.stat().st_size
-        if length is not None and offset + int(length) > size:
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = None if info.get("length") in (None, "") else int(info["length"])
+        except ValueError:
             raise ModelError(
-                f"tensor {name!r}: external data file {location!r} is truncated "
-                f"(needs {offset + int(length)} bytes, has {size})",
+                f"tensor {name!r}: external data offset/length are not integers "
+                f"(offset {info.get('offset')!r}, length {info.get('length')!r})",
+                where=where,
+            ) from None
+        if offset < 0 or (length is not None and length < 0):
+            raise ModelError(
+                f"tensor {name!r}: external data has a negative offset or length", where=where
+            )
+        nbytes = _tensor_nbytes(tensor)
+        if length is not None and nbytes is not None and length < nbytes:
+            raise ModelError(
+                f"tensor {name!r}: external data length {length} is smaller than the "
+                f"tensor's {nbytes} bytes",
                 where=where,
             )
+        needed = offset + (length if length is not None else (nbytes or 0))
+        size = target.stat().st_size
+        if needed > size:
+            raise ModelError(
+                f"tensor {name!r}: external data file {location!r} is truncated "
+                f"(needs {needed} bytes, has {size})",
+                where=where,
+            )
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and dtype call for, or None if its dtype is unknown."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except Exception:
+        return None
+    numel = 1
+    for d in tensor.dims:
+        numel *= d
+    return (numel * bits + 7) // 8
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -189,7 +253,7 @@ def save(
                 size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
             )
         else:
-            ir.save(model, tmp_model)
+            save_embedded(model, tmp_model)
         # Data first, model last: a reader never sees a model whose data is not there yet.
         tmp_data = tmp_dir / data_name
         if tmp_data.exists():
@@ -216,7 +280,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-        os.replace(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise GraphSurgeonError(f"cannot write: {e.strerror or e}", where=path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

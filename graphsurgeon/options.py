@@ -50,11 +50,18 @@ _SPACE_ADAPTER: TypeAdapter = TypeAdapter(SearchSpace)
 _SPACE_KEY = "search_space"
 
 
-def option(default: Any, doc: str, space: FloatRange | IntRange | Choice | None = None, **kw: Any) -> Any:
+def option(
+    default: Any, doc: str, space: FloatRange | IntRange | Choice | None = None, **kw: Any
+) -> Any:
     """A pydantic field carrying ``doc`` and, if searchable, its ``space``."""
     extra = {_SPACE_KEY: space.model_dump()} if space is not None else None
     if isinstance(default, (list, dict, set)):
-        return Field(default_factory=lambda: type(default)(default), description=doc, json_schema_extra=extra, **kw)
+        return Field(
+            default_factory=lambda: type(default)(default),
+            description=doc,
+            json_schema_extra=extra,
+            **kw,
+        )
     return Field(default, description=doc, json_schema_extra=extra, **kw)
 
 

@@ -3,9 +3,11 @@
 A graphsurgeon pass is an ``onnx_ir`` in-place pass with a registry name, a kind, an options
 schema (see :mod:`graphsurgeon.options`) and a target selector. ``call`` returns
 ``PassResult(model, modified)`` where ``modified`` is exact: True if and only if the graph
-changed. Statistics (nodes, params, bytes, FLOPs per layer, before and after) and timing are
-gathered by instruments around the pass, not inside it; a pass adds only what it alone knows,
-through :meth:`GSPass.note` and :meth:`GSPass.skip` (why a node was left alone).
+changed. A pass that reports False leaves the serialized model byte-identical: shapes and
+types its analyses annotated on the way are rolled back. Statistics (nodes, params, bytes,
+FLOPs per layer, before and after) and timing are gathered by instruments around the pass, not
+inside it; a pass adds only what it alone knows, through :meth:`GSPass.note` and
+:meth:`GSPass.skip` (why a node was left alone).
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ class GSPass(InPlacePass):
         self.notes: dict[str, Any] = {}
         self.skipped: Counter[str] = Counter()
 
+    def __call__(self, model_or_result: ir.Model | PassResult, /) -> PassResult:
+        model = (
+            model_or_result.model if isinstance(model_or_result, PassResult) else model_or_result
+        )
+        annotations = _annotations(model)
+        result = super().__call__(model)
+        if not result.modified:
+            # Analyses annotate values as they go (the constant folder and the rewriter infer
+            # shapes node by node). A pass that rewrote nothing leaves the model as it found it.
+            for value, (type_, shape) in annotations.items():
+                value.type, value.shape = type_, shape
+        return result
+
     # -- helpers for subclasses -------------------------------------------------------
     def selects(self, node: ir.Node) -> bool:
         return self.targets.selects(node)
@@ -73,6 +88,20 @@ class GSPass(InPlacePass):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+def _annotations(
+    model: ir.Model,
+) -> dict[ir.Value, tuple[ir.TypeProtocol | None, ir.Shape | None]]:
+    """Type and shape of every value in every graph and function of ``model``."""
+    values: list[ir.Value] = []
+    for graph in (*model.graphs(), *model.functions.values()):
+        values.extend(graph.inputs)
+        if isinstance(graph, ir.Graph):
+            values.extend(graph.initializers.values())
+        for node in graph:
+            values.extend(node.outputs)
+    return {v: (v.type, None if v.shape is None else v.shape.copy()) for v in values}
 
 
 def format_validation_error(error: ValidationError) -> str:

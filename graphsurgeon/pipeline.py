@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import yaml
-from onnx_ir.passes.common import ShapeInferencePass
 from pydantic import ValidationError
 
 from graphsurgeon import execution
@@ -30,7 +29,7 @@ from graphsurgeon.layers import find_layers, weight_ids
 from graphsurgeon.model_io import load
 from graphsurgeon.pass_base import GSPass, format_validation_error
 from graphsurgeon.registry import get_pass
-from graphsurgeon.shapes import static_dims
+from graphsurgeon.shapes import ShapeInferencePass, static_dims
 from graphsurgeon.targets import Targets
 from graphsurgeon.verify import (
     Signature,
@@ -67,19 +66,32 @@ Step = PassStep | RepeatStep
 
 def named_pipelines() -> dict[str, Path]:
     folder = resources.files("graphsurgeon") / "pipelines"
-    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+    return {
+        p.name.removesuffix(".yaml"): Path(str(p))
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
+    }
 
 
 def _read_spec_file(path: Path) -> Any:
     if not path.is_file():
         raise PipelineError("no such pipeline file", where=path)
-    text = path.read_text()
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"cannot read the pipeline file as text: {e}", where=path) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise PipelineError(f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}", where=path) from None
+        raise PipelineError(
+            f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}", where=path
+        ) from None
+    if isinstance(data, str):  # else compile_pipeline would take it for a path or pass name
+        raise PipelineError(
+            "a pipeline is a non-empty list of steps (or a mapping with 'steps'), not a string",
+            where=path,
+        )
+    return data
 
 
 def compile_pipeline(spec: Any, *, source: str = "pipeline") -> list[Step]:
@@ -97,10 +109,14 @@ def compile_pipeline(spec: Any, *, source: str = "pipeline") -> list[Step]:
     if isinstance(raw, dict):
         unknown = set(raw) - {"steps", "name", "description"}
         if unknown:
-            raise PipelineError(f"unknown top-level key(s) {sorted(unknown)}; expected 'steps'", where=source)
+            raise PipelineError(
+                f"unknown top-level key(s) {sorted(unknown)}; expected 'steps'", where=source
+            )
         raw = raw.get("steps")
     if not isinstance(raw, list) or not raw:
-        raise PipelineError("a pipeline is a non-empty list of steps (or a mapping with 'steps')", where=source)
+        raise PipelineError(
+            "a pipeline is a non-empty list of steps (or a mapping with 'steps')", where=source
+        )
     return [_compile_step(s, str(i), source, ()) for i, s in enumerate(raw, 1)]
 
 
@@ -113,11 +129,15 @@ def _compile_step(raw: Any, path: str, source: str, stack: tuple[str, ...]) -> S
                 raise PipelineError(f"named pipeline {raw!r} includes itself", where=where)
             inner = _read_spec_file(named[raw])
             steps = inner["steps"] if isinstance(inner, dict) else inner
-            children = [_compile_step(s, f"{path}.{i}", raw, (*stack, raw)) for i, s in enumerate(steps, 1)]
+            children = [
+                _compile_step(s, f"{path}.{i}", raw, (*stack, raw)) for i, s in enumerate(steps, 1)
+            ]
             return RepeatStep(f"{path} ({raw})", children, 1)
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise PipelineError(f"expected a pass name or a mapping, got {type(raw).__name__}", where=where)
+        raise PipelineError(
+            f"expected a pass name or a mapping, got {type(raw).__name__}", where=where
+        )
     if "repeat" in raw:
         unknown = set(raw) - {"repeat", "max_iterations"}
         if unknown:
@@ -127,12 +147,16 @@ def _compile_step(raw: Any, path: str, source: str, stack: tuple[str, ...]) -> S
             raise PipelineError("'repeat' needs a non-empty list of steps", where=where)
         n = raw.get("max_iterations", 10)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1000:
-            raise PipelineError(f"max_iterations must be an integer in 1..1000 (got {n!r})", where=where)
+            raise PipelineError(
+                f"max_iterations must be an integer in 1..1000 (got {n!r})", where=where
+            )
         children = [_compile_step(s, f"{path}.{i}", source, stack) for i, s in enumerate(body, 1)]
         return RepeatStep(f"{path} (repeat)", children, n)
     unknown = set(raw) - {"name", "options", "targets"}
     if unknown:
-        raise PipelineError(f"unknown key(s) {sorted(unknown)}; a step has name, options, targets", where=where)
+        raise PipelineError(
+            f"unknown key(s) {sorted(unknown)}; a step has name, options, targets", where=where
+        )
     name = raw.get("name")
     if not isinstance(name, str):
         raise PipelineError("step has no pass 'name'", where=where)
@@ -211,7 +235,10 @@ class _NumericReference:
         return True
 
     def check(self, model: ir.Model, pass_: GSPass, step: str) -> dict[str, Any] | None:
-        after_session = execution.make_session(model)
+        try:
+            after_session = execution.make_session(model)
+        except GraphSurgeonError as e:  # it ran before the pass: the pass broke it
+            raise VerificationError(f"after {pass_.name}: {e.problem}", where=step) from None
         if not self._feeds_fit(model):  # e.g. fix-shapes chose other dims than we generated
             self.feeds = self._make_feeds(model)
             self.outputs = [execution.run(self.session, f) for f in self.feeds]
@@ -219,7 +246,7 @@ class _NumericReference:
         after = [execution.run(after_session, f) for f in self.feeds]
         result = None
         if pass_.kind == "exact":
-            for before_out, after_out in zip(self.outputs, after):
+            for before_out, after_out in zip(self.outputs, after, strict=False):
                 bad = compare_exact(before_out, after_out)
                 if bad is not None:
                     name, err = bad
@@ -228,14 +255,16 @@ class _NumericReference:
                         where=step,
                     )
         else:
-            result = _merge_drift([drift(b, a) for b, a in zip(self.outputs, after)])
+            result = _merge_drift([drift(b, a) for b, a in zip(self.outputs, after, strict=False)])
         self.session, self.outputs = after_session, after
         return result
 
     def drift_vs_original(self) -> dict[str, Any] | None:
         if self.original is None:
             return None
-        return _merge_drift([drift(b, a) for b, a in zip(self.original, self.outputs)])
+        return _merge_drift(
+            [drift(b, a) for b, a in zip(self.original, self.outputs, strict=False)]
+        )
 
 
 def _merge_drift(parts: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -268,7 +297,11 @@ def run_pipeline(
     """
     if verify not in VERIFY_MODES:
         raise GraphSurgeonError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
-    steps = spec if isinstance(spec, list) and all(isinstance(s, (PassStep, RepeatStep)) for s in spec) else compile_pipeline(spec)
+    steps = (
+        spec
+        if isinstance(spec, list) and all(isinstance(s, (PassStep, RepeatStep)) for s in spec)
+        else compile_pipeline(spec)
+    )
     if not isinstance(model, ir.Model):
         model = load(model, shapes=shapes)
     elif shapes:

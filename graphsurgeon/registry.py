@@ -32,7 +32,9 @@ def register(cls: type[GSPass]) -> type[GSPass]:
         raise ValueError(f"pass {name}: kind must be exact, lossy or surgery, not {cls.kind!r}")
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"pass name {name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+        raise ValueError(
+            f"pass name {name!r} is taken by {existing.__module__}.{existing.__qualname__}"
+        )
     _REGISTRY[name] = cls
     return cls
 
@@ -43,7 +45,7 @@ def _register_loaded(obj: object, source: str) -> None:
     if isinstance(obj, type) and issubclass(obj, GSPass):
         register(obj)
         return
-    if isinstance(obj, Iterable):
+    if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):  # a str holds strs
         for item in obj:
             _register_loaded(item, source)
         return
@@ -62,7 +64,9 @@ def load_plugins() -> None:
         try:
             _register_loaded(ep.load(), f"{ep.name} = {ep.value}")
         except Exception as e:  # a broken plugin must not break graphsurgeon
-            warnings.warn(f"graphsurgeon: pass plugin {ep.value!r} failed to load: {e}", stacklevel=2)
+            warnings.warn(
+                f"graphsurgeon: pass plugin {ep.value!r} failed to load: {e}", stacklevel=2
+            )
 
 
 def get_pass(name: str) -> type[GSPass]:

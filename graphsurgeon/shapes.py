@@ -1,10 +1,12 @@
-"""``--shape NAME=DIMS`` parsing and applying fixed dims to graph inputs."""
+"""``--shape NAME=DIMS`` parsing, applying fixed dims to graph inputs, and shape inference."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
 
 from graphsurgeon.errors import GraphSurgeonError
 
@@ -17,7 +19,9 @@ def parse_shape_arg(text: str) -> tuple[str, list[int]]:
     try:
         values = [int(d) for d in dims.replace(",", "x").split("x")]
     except ValueError:
-        raise GraphSurgeonError(f"--shape {text!r}: dims must be integers like 1x3x224x224") from None
+        raise GraphSurgeonError(
+            f"--shape {text!r}: dims must be integers like 1x3x224x224"
+        ) from None
     if any(v < 0 for v in values):
         raise GraphSurgeonError(f"--shape {text!r}: dims must be >= 0")
     return name, values
@@ -36,9 +40,11 @@ def apply_input_shapes(
     error: silently feeding a model a shape it was not built for gives wrong answers later.
     """
     inputs = {v.name: v for v in model.graph.inputs}
-    changed = False
-    for name, dims in shapes.items():
+    planned: list[tuple[ir.Value, list[int]]] = []
+    for name, dims in shapes.items():  # check everything before changing anything
         dims = [int(d) for d in dims]
+        if any(d < 0 for d in dims):
+            raise GraphSurgeonError(f"--shape {name}: dims must be >= 0, not {dims}", where=where)
         value = inputs.get(name)
         if value is None:
             known = ", ".join(inputs) or "none"
@@ -53,14 +59,17 @@ def apply_input_shapes(
                     f"--shape {name}: rank {len(dims)} but the input has rank {len(old)} ({_fmt(old)})",
                     where=where,
                 )
-            for i, (o, n) in enumerate(zip(old, dims)):
+            for i, (o, n) in enumerate(zip(old, dims, strict=False)):
                 if isinstance(o, int) and o != n:
                     raise GraphSurgeonError(
-                        f"--shape {name}: dim {i} is fixed to {o} in the model, not {n}", where=where
+                        f"--shape {name}: dim {i} is fixed to {o} in the model, not {n}",
+                        where=where,
                     )
-        new = ir.Shape(dims)
-        if old is None or list(old) != dims:
-            value.shape = new
+        planned.append((value, dims))
+    changed = False
+    for value, dims in planned:
+        if value.shape is None or list(value.shape) != dims:
+            value.shape = ir.Shape(dims)
             changed = True
     return changed
 
@@ -82,3 +91,52 @@ def static_dims(shape: ir.Shape | None) -> list[int] | None:
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
     return [int(d) for d in shape]
+
+
+class ShapeInferencePass(ir.passes.InPlacePass):
+    """ONNX shape inference merged into the IR, keeping sequence, optional and map types.
+
+    onnx_ir's pass of the same name copies back only each value's dtype and shape, which turns
+    a value of type ``seq(tensor(float))`` into ``tensor(float)``: onnxruntime then refuses the
+    saved model. This one copies the whole inferred type. If inference fails, the model is left
+    unchanged.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+            return onnx.shape_inference.infer_shapes(
+                proto, check_type=True, strict_mode=True, data_prop=True
+            )
+
+        order = list(model.graph.initializers.values())
+        try:  # call_onnx_api serializes the model without its big initializers
+            inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+        except Exception:  # onnx raises assorted errors on models it cannot infer
+            return ir.passes.PassResult(model, False)
+        finally:
+            _restore_initializer_order(model.graph, order)
+        modified = False
+        for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
+            inferred_values = ir.convenience.create_value_mapping(inferred_graph)
+            for name, value in ir.convenience.create_value_mapping(graph).items():
+                new = inferred_values.get(name)
+                if new is None:
+                    continue
+                if new.type is not None and new.type != value.type:
+                    value.type = new.type
+                    modified = True
+                if new.shape is not None and new.shape != value.shape:
+                    value.shape = new.shape
+                    modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _restore_initializer_order(graph: ir.Graph, order: list[ir.Value]) -> None:
+    """call_onnx_api takes big initializers out and puts them back at the end; undo that, so
+    that inference alone never changes the serialized model."""
+    if list(graph.initializers.values()) == order:
+        return
+    for value in order:
+        graph.initializers.pop(value.name)
+    for value in order:
+        graph.initializers.add(value)

@@ -79,10 +79,7 @@ def layer_macs(layer: Layer) -> int | None:
         n = _numel(out)
         if n is None:
             return None
-        if len(w) == 1:
-            k = w[0]
-        else:
-            k = w[-2] if layer.weight_index == 1 else w[-1]
+        k = w[0] if len(w) == 1 else w[-2] if layer.weight_index == 1 else w[-1]
         return n * k
     if op in ("LSTM", "GRU", "RNN"):
         x = static_dims(node.inputs[0].shape) if node.inputs[0] is not None else None
@@ -133,26 +130,30 @@ def layer_stats(layer: Layer) -> LayerStats:
     )
 
 
-def _constants(model: ir.Model) -> list[ir.TensorProtocol]:
+def _constants_and_node_count(model: ir.Model) -> tuple[list[ir.TensorProtocol], int]:
     tensors: list[ir.TensorProtocol] = []
+    nodes = 0
     for graph in model.graphs():
-        tensors.extend(v.const_value for v in graph.initializers.values() if v.const_value is not None)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "Constant" and node.domain == "":
-            attr = node.attributes.get("value")
-            if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                tensors.append(attr.as_tensor())
-    return tensors
+        tensors.extend(
+            v.const_value for v in graph.initializers.values() if v.const_value is not None
+        )
+        for node in graph:
+            nodes += 1
+            if node.op_type == "Constant" and node.domain == "":
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    tensors.append(attr.as_tensor())
+    return tensors, nodes
 
 
 def model_stats(model: ir.Model, layers: list[Layer] | None = None) -> ModelStats:
     """Statistics for the shapes currently annotated on ``model`` (run shape inference first)."""
     layers = find_layers(model) if layers is None else layers
-    tensors = _constants(model)
+    tensors, nodes = _constants_and_node_count(model)
     per_layer = {layer.id: layer_stats(layer) for layer in layers}
     flops_known = [s.flops for s in per_layer.values()]
     return ModelStats(
-        nodes=sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)),
+        nodes=nodes,
         params=int(sum(t.size for t in tensors)),
         bytes=int(sum(t.nbytes for t in tensors)),
         flops=None if any(f is None for f in flops_known) else int(sum(flops_known)),  # type: ignore[arg-type]

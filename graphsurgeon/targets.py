@@ -18,9 +18,13 @@ from graphsurgeon.layers import layer_id
 class Targets(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    names: list[str] = Field(default_factory=list, description="Node names or regexes (full match).")
+    names: list[str] = Field(
+        default_factory=list, description="Node names or regexes (full match)."
+    )
     op_types: list[str] = Field(default_factory=list, description="Op types, e.g. Conv, MatMul.")
-    layers: list[str] = Field(default_factory=list, description="Layer ids or regexes (full match).")
+    layers: list[str] = Field(
+        default_factory=list, description="Layer ids or regexes (full match)."
+    )
     exclude: list[str] = Field(
         default_factory=list, description="Node names or layer ids (or regexes) never touched."
     )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_passes
-from onnxscript.optimizer import fold_constants
+from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common import _fuse_batchnorm, _matmul_add_to_gemm
@@ -18,8 +19,10 @@ from onnxscript.rewriter.rules.common import _fuse_batchnorm, _matmul_add_to_gem
 from graphsurgeon.options import IntRange, PassOptions, option
 from graphsurgeon.pass_base import GSPass, PassResult
 from graphsurgeon.registry import register
+from graphsurgeon.shapes import ShapeInferencePass
 
 Selector = Callable[[ir.Node], bool]
+Skipper = Callable[[ir.Node, str], None]  # GSPass.skip: records why a node was left alone
 
 
 class FoldConstantsOptions(PassOptions):
@@ -58,28 +61,145 @@ class FoldConstants(GSPass):
         def should_fold(node: ir.Node) -> bool | None:
             return None if targets.selects(node) else False
 
-        result = fold_constants(
-            model,
-            onnx_shape_inference=True,
+        dead = _DeadBefore(model)
+        result = _OpsetAwareFolder(
+            shape_inference=True,
             input_size_limit=self.options.input_size_limit,
             output_size_limit=self.options.output_size_limit,
             should_fold=should_fold,
-        )
+        )(model)
         modified = result.modified
         if modified:
             # The folder replaces uses; the producers it made dead go now.
-            ir_passes.RemoveUnusedNodesPass()(model)
+            dead.sweep(model)
         self.note("values_folded", len(getattr(result, "symbolic_value_map", {}) or {}))
         return PassResult(model, modified)
 
 
+class _DeadBefore:
+    """What nothing read before a rewrite, so that afterwards only what the rewrite made dead
+    is removed. onnx_ir's RemoveUnusedNodesPass would also remove dead code the pass never
+    touched (unselected nodes, under targets) and trim live nodes (unused optional outputs,
+    BatchNormalization's training_mode=0); that is eliminate-dead-code's job."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.nodes = {n for g in model.graphs() for n in g if _unread(n.outputs)}
+        self.initializers = {
+            v for g in model.graphs() for v in g.initializers.values() if _unread([v])
+        }
+
+    def sweep(self, model: ir.Model) -> None:
+        removed = True
+        while removed:
+            removed = False
+            for graph in list(model.graphs()):
+                for node in reversed(list(graph)):
+                    if node not in self.nodes and _unread(node.outputs):
+                        graph.remove(node, safe=True)
+                        removed = True
+        for graph in list(model.graphs()):
+            for value in list(graph.initializers.values()):
+                if value not in self.initializers and _unread([value]):
+                    del graph.initializers[value.name]
+
+
+def _unread(values) -> bool:
+    return not any(v.uses() or v.is_graph_output() or v.is_graph_input() for v in values)
+
+
+# Constant's typed attributes arrived in opset 12; before that only ``value`` (a tensor) exists.
+_CONSTANT_ATTR_DTYPES = {
+    "value_int": np.int64,
+    "value_ints": np.int64,
+    "value_float": np.float32,
+    "value_floats": np.float32,
+}
+
+
+class _OpsetAwareFolder(_constant_folding.FoldConstantsPass):
+    """onnxscript's folder, keeping every node it emits valid for the model's opset.
+
+    Its partial evaluators build replacements in the newest signatures whatever the model
+    imports: ``Constant(value_ints=...)`` (opset 12+) for a folded Shape, ``Unsqueeze``,
+    ``Squeeze`` and ``Split`` with axes/split as inputs (13+) or ``num_outputs`` (18+) for
+    sequence ops. On an older model a ``Constant`` is rewritten to its ``value`` tensor form;
+    any other replacement node that its opset's schema does not accept is refused, so the
+    original node stays.
+    """
+
+    def call(self, model: ir.Model) -> _constant_folding.FoldConstantsResult:
+        self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        return super().call(model)
+
+    def process_node(
+        self, node: ir.Node, is_function: bool
+    ) -> _constant_folding.Replacement | None:
+        if self.should_fold(node) is False:
+            return self._leave_alone(node)
+        replacement = super().process_node(node, is_function)
+        if replacement is None or self._opset is None:
+            return replacement
+        for new in replacement.new_nodes:
+            if new.domain not in ("", "ai.onnx"):
+                continue
+            if new.op_type == "Constant" and self._opset < 12:
+                _constant_to_value_form(new)
+            if not _accepted_by_schema(new, self._opset):
+                return None
+        return replacement
+
+    def _leave_alone(self, node: ir.Node) -> None:
+        """An unselected node: never replaced, not even by the op-specific evaluators
+        (Identity, Shape, Gather...) that onnxscript runs before consulting ``should_fold``.
+        It still reads what its selected producers folded to, and its shapes are inferred."""
+        for i, value in enumerate(node.inputs):
+            sym_value = self._state.get_sym_value(value)
+            if isinstance(sym_value, ir.Value):
+                node.replace_input_with(i, sym_value)
+                self._modified = True
+        if _constant_folding._is_onnx_op(node, "Constant"):
+            _constant_folding._process_constant_node(node)
+        elif self.shape_inference and not _constant_folding._is_control_flow_op(node):
+            self._do_inference(node)
+        return None
+
+
+def _constant_to_value_form(node: ir.Node) -> None:
+    for name, dtype in _CONSTANT_ATTR_DTYPES.items():
+        attr = node.attributes.pop(name, None)
+        if attr is not None:
+            tensor = ir.tensor(np.asarray(attr.value, dtype=dtype), name=node.outputs[0].name)
+            node.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+def _accepted_by_schema(node: ir.Node, opset: int) -> bool:
+    """Whether the default-domain schema at ``opset`` takes this node's inputs and attributes."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False  # the op does not exist yet at this opset
+    n_inputs = len(node.inputs)
+    while n_inputs and node.inputs[n_inputs - 1] is None:
+        n_inputs -= 1
+    if not schema.min_input <= n_inputs <= schema.max_input:
+        return False
+    return set(node.attributes) <= set(schema.attributes)
+
+
 def _selected_batchnorm(base: type, op_type: str) -> type:
     class Selected(base):  # type: ignore[misc, valid-type]
-        def __init__(self, selects: Selector) -> None:
+        def __init__(self, selects: Selector, skip: Skipper) -> None:
             super().__init__(name=f"fold-batchnorm-{op_type.lower()}")
             self._selects = selects
+            self._skip = skip
 
         def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:  # type: ignore[override]
+            result = self._check(context, x, inbound_out, batchnorm_out)
+            if not result:
+                self._skip(batchnorm_out.producer(), result.reason)
+            return result
+
+        def _check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
             result = super().check(context, x, inbound_out, batchnorm_out)
             if not result:
                 return result
@@ -116,10 +236,22 @@ class FoldBatchNorm(GSPass):
     kind = "exact"
 
     def call(self, model: ir.Model) -> PassResult:
-        rules = [cls.rule(self.selects) for cls in _BN_RULES]
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            # The rules match single-output BNs only; one that also outputs running statistics
+            # is in training mode. Say so rather than skip it silently.
+            producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+            if (
+                node.op_type == "BatchNormalization"
+                and len(node.outputs) > 1
+                and producer is not None
+                and producer.op_type in ("Conv", "ConvTranspose", "Gemm")
+            ):
+                self.skip(node, "BatchNormalization in training mode")
+        rules = [cls.rule(self.selects, self.skip) for cls in _BN_RULES]
+        dead = _DeadBefore(model)
         result = RewritePass(rules)(model)
         if result.modified:
-            ir_passes.RemoveUnusedNodesPass()(model)
+            dead.sweep(model)
         return PassResult(model, result.modified)
 
 
@@ -130,11 +262,18 @@ _GEMM_DTYPES = frozenset(
 
 def _selected_matmul_add(base: type) -> type:
     class Selected(base):  # type: ignore[misc, valid-type]
-        def __init__(self, selects: Selector) -> None:
+        def __init__(self, selects: Selector, skip: Skipper) -> None:
             super().__init__(name=f"fuse-matmul-add-{base.__name__}")
             self._selects = selects
+            self._skip = skip
 
         def check(self, context, input_a, input_b, input_c, **kw) -> MatchResult:  # type: ignore[override]
+            result = self._check(context, input_a, input_b, input_c, **kw)
+            if not result:
+                self._skip(context.root, result.reason)
+            return result
+
+        def _check(self, context, input_a, input_b, input_c, **kw) -> MatchResult:
             result = super().check(context, input_a, input_b, **kw)
             if not result:
                 return result
@@ -148,12 +287,20 @@ def _selected_matmul_add(base: type) -> type:
             m = a[1] if self.trans_a else a[0]
             n = b[0] if self.trans_b else b[1]
             # Gemm broadcasts C to (M, N) one way only: each bias dim must be 1 or equal.
-            for cdim, target in zip(reversed(list(c)), (n, m)):
+            for cdim, target in zip(reversed(list(c)), (n, m), strict=False):
                 if cdim != 1 and cdim != target:
                     return result.fail(f"bias shape {c} does not broadcast one-way to ({m}, {n})")
             matmul = context.root.inputs[0].producer() if context.root.inputs[0] else None
             if matmul is not None and matmul.op_type != "MatMul":
                 matmul = context.root.inputs[1].producer()
+            if matmul is not None:
+                fused = [matmul]  # the nodes this rewrite removes
+                if self.trans_a:
+                    fused.append(matmul.inputs[0].producer())
+                if self.trans_b:
+                    fused.append(matmul.inputs[1].producer())
+                if input_c.producer() in fused:  # Add(MatMul(a, b), MatMul(a, b))
+                    return result.fail("the bias is computed by the nodes being fused")
             if matmul is not None and not self._selects(matmul):
                 return result.fail("not selected by the targets")
             return result
@@ -161,11 +308,13 @@ def _selected_matmul_add(base: type) -> type:
     return Selected
 
 
+# Most specific first: the plain rule also matches a MatMul of a Transpose, and the first rule
+# that matches wins, so listed first it would leave every Transpose in front of the Gemm.
 _GEMM_RULES = [
-    _selected_matmul_add(_matmul_add_to_gemm.MatMulAddToGemm),
+    _selected_matmul_add(_matmul_add_to_gemm.TransABMatMulAddToGemm),
     _selected_matmul_add(_matmul_add_to_gemm.TransAMatMulAddToGemm),
     _selected_matmul_add(_matmul_add_to_gemm.TransBMatMulAddToGemm),
-    _selected_matmul_add(_matmul_add_to_gemm.TransABMatMulAddToGemm),
+    _selected_matmul_add(_matmul_add_to_gemm.MatMulAddToGemm),
 ]
 
 
@@ -185,12 +334,13 @@ class FuseMatMulAdd(GSPass):
         if any(
             v is not None and v.shape is None
             for node in model.graph
-            if node.op_type == "MatMul"
+            if node.op_type in ("MatMul", "Add")
             for v in node.inputs
         ):
-            ir_passes.ShapeInferencePass()(model)  # the legality check needs ranks
-        rules = [cls.rule(self.selects) for cls in _GEMM_RULES]
+            ShapeInferencePass()(model)  # the legality check needs the shapes of A, B and C
+        rules = [cls.rule(self.selects, self.skip) for cls in _GEMM_RULES]
+        dead = _DeadBefore(model)
         result = RewritePass(rules)(model)
         if result.modified:
-            ir_passes.RemoveUnusedNodesPass()(model)
+            dead.sweep(model)
         return PassResult(model, result.modified)

@@ -7,20 +7,20 @@ and let kernels and compilers specialise. Outputs are unchanged for inputs of th
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_passes
+from pydantic import NonNegativeInt
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.options import PassOptions, option
 from graphsurgeon.pass_base import GSPass, PassResult
 from graphsurgeon.registry import register
-from graphsurgeon.shapes import apply_input_shapes
+from graphsurgeon.shapes import ShapeInferencePass, apply_input_shapes
 
 
 class FixShapesOptions(PassOptions):
-    shapes: dict[str, list[int]] = option(
+    shapes: dict[str, list[NonNegativeInt]] = option(
         {}, "Full shapes per graph input, e.g. {input: [1, 3, 224, 224]}."
     )
-    dims: dict[str, int] = option(
+    dims: dict[str, NonNegativeInt] = option(
         {}, "Values for named symbolic dims, e.g. {batch: 1, sequence: 128}."
     )
     default: int | None = option(
@@ -72,7 +72,7 @@ class FixShapes(GSPass):
                 for out in node.outputs:
                     if not out.is_graph_output():
                         out.shape = None  # stale symbolic dims; re-inferred below
-            ir_passes.ShapeInferencePass()(model)
+            ShapeInferencePass()(model)
         self.note("inputs_fixed", sorted(wanted))
         return PassResult(model, modified)
 
