@@ -15,6 +15,10 @@ from graphsurgeon.data import Feed
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.model_io import EXTERNAL_DATA_THRESHOLD, has_external_data, save, weight_bytes
 
+ort.set_default_logger_severity(4)  # errors reach the user once, as our one-line message
+_RUN_OPTIONS = ort.RunOptions()
+_RUN_OPTIONS.log_severity_level = 4
+
 
 def make_session(
     model: ir.Model, *, optimize: bool = False, threads: int | None = None
@@ -22,7 +26,7 @@ def make_session(
     """A CPU session for ``model``. Graph optimizations are off by default so that what runs
     is our graph, not ORT's rewrite of it."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -45,13 +49,21 @@ def _session(
     try:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as e:  # a model ORT cannot run: newer IR version, custom op, ...
-        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip())
-        text = re.sub(r"^\S+\.(?:cc|h):\d+ [\w:~<>]+\([^()]*\) ", "", text)  # source location
-        raise GraphSurgeonError(f"onnxruntime cannot run the model: {text[:500]}") from None
+        raise GraphSurgeonError(f"onnxruntime cannot load the model: {_ort_text(e)}") from None
 
 
 def run(session: ort.InferenceSession, feed: Feed) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
-    outputs = session.run(names, {k: v for k, v in feed.items() if k in wanted})
-    return dict(zip(names, outputs, strict=False))
+    try:
+        outputs = session.run(names, {k: v for k, v in feed.items() if k in wanted}, _RUN_OPTIONS)
+    except Exception as e:  # e.g. generated ints that are not valid shapes or indices
+        raise GraphSurgeonError(f"onnxruntime failed to run the model: {_ort_text(e)}") from None
+    return dict(zip(names, outputs, strict=True))
+
+
+def _ort_text(error: Exception) -> str:
+    """ORT's message without its error-code prefix and C++ source location."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(error).strip())
+    text = re.sub(r"^\S+\.(?:cc|h):\d+ [\w:~<>]+\([^()]*\) ", "", text)
+    return text.splitlines()[0][:500] if text else type(error).__name__

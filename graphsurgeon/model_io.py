@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphsurgeon import onnx_api
 from graphsurgeon.errors import GraphSurgeonError, ModelError
 from graphsurgeon.shapes import apply_input_shapes
 from graphsurgeon.stream_save import save_embedded
@@ -100,10 +101,8 @@ def _captured_ir_warnings() -> Iterator[list[str]]:
 
 def check_model(model: ir.Model, *, where: str | os.PathLike | None = None) -> None:
     """Run the ONNX checker without serializing weights (big initializers are stripped)."""
-    from onnx_ir.passes.common import CheckerPass
-
     try:
-        CheckerPass()(model)
+        onnx_api.check(model)
     except Exception as e:
         raise ModelError(f"fails the ONNX checker: {_first_line(e)}", where=where) from None
 

@@ -218,7 +218,14 @@ class _NumericReference:
         self.max_samples = max_samples
         self.feeds = self._make_feeds(model)
         self.session = execution.make_session(model)
-        self.outputs = [execution.run(self.session, f) for f in self.feeds]
+        try:
+            self.outputs = [execution.run(self.session, f) for f in self.feeds]
+        except GraphSurgeonError as e:
+            inputs = "calibration" if calib is not None else "generated"
+            hint = "" if calib is not None else "; pass --calib with real inputs"
+            raise GraphSurgeonError(
+                f"numeric verification on {inputs} inputs: {e.problem}{hint}"
+            ) from None
         self.original = self.outputs
 
     def _make_feeds(self, model: ir.Model) -> list[Feed]:
@@ -243,7 +250,10 @@ class _NumericReference:
             self.feeds = self._make_feeds(model)
             self.outputs = [execution.run(self.session, f) for f in self.feeds]
             self.original = None
-        after = [execution.run(after_session, f) for f in self.feeds]
+        try:
+            after = [execution.run(after_session, f) for f in self.feeds]
+        except GraphSurgeonError as e:  # it ran before the pass: the pass broke it
+            raise VerificationError(f"after {pass_.name}: {e.problem}", where=step) from None
         result = None
         if pass_.kind == "exact":
             for before_out, after_out in zip(self.outputs, after, strict=False):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
 
+from graphsurgeon import onnx_api
 from graphsurgeon.errors import GraphSurgeonError
 
 
@@ -103,18 +102,10 @@ class ShapeInferencePass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-            return onnx.shape_inference.infer_shapes(
-                proto, check_type=True, strict_mode=True, data_prop=True
-            )
-
-        order = list(model.graph.initializers.values())
-        try:  # call_onnx_api serializes the model without its big initializers
-            inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+        try:  # non-strict: annotate what can be inferred; strictness is the checker's job
+            inferred = ir.serde.deserialize_model(onnx_api.infer_shapes(model))
         except Exception:  # onnx raises assorted errors on models it cannot infer
             return ir.passes.PassResult(model, False)
-        finally:
-            _restore_initializer_order(model.graph, order)
         modified = False
         for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
             inferred_values = ir.convenience.create_value_mapping(inferred_graph)
@@ -129,14 +120,3 @@ class ShapeInferencePass(ir.passes.InPlacePass):
                     value.shape = new.shape
                     modified = True
         return ir.passes.PassResult(model, modified)
-
-
-def _restore_initializer_order(graph: ir.Graph, order: list[ir.Value]) -> None:
-    """call_onnx_api takes big initializers out and puts them back at the end; undo that, so
-    that inference alone never changes the serialized model."""
-    if list(graph.initializers.values()) == order:
-        return
-    for value in order:
-        graph.initializers.pop(value.name)
-    for value in order:
-        graph.initializers.add(value)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import CheckerPass
 
+from graphsurgeon import onnx_api
 from graphsurgeon.errors import VerificationError
 from graphsurgeon.shapes import ShapeInferencePass
 
@@ -67,7 +67,7 @@ def check_structure(
                     where=step,
                 )
     try:
-        CheckerPass(full_check=strict_shapes)(model)
+        onnx_api.check(model, full_check=strict_shapes)
     except Exception as e:
         raise VerificationError(f"fails the ONNX checker: {_first_line(e)}", where=step) from None
     ShapeInferencePass()(model)  # annotate shapes for the next pass and for statistics
@@ -76,7 +76,7 @@ def check_structure(
 def strict_shape_inference_ok(model: ir.Model) -> bool:
     """Whether the (unmodified) model passes strict shape inference; old models often don't."""
     try:
-        CheckerPass(full_check=True)(model)
+        onnx_api.check(model, full_check=True)
         return True
     except Exception:
         return False

@@ -597,3 +597,23 @@ def test_failed_run_keeps_the_previous_output(work: dict[str, Path]) -> None:
     assert_user_error(result, "calib.npz", "float64")
     assert out.read_bytes() == b"previous"
     assert [p.name for p in work["out"].iterdir()] == ["out.onnx"]
+
+
+def test_numeric_verify_on_generated_inputs_the_model_rejects(work: dict[str, Path]) -> None:
+    """Generated ints are not valid shapes for Expand: say so and point to --calib."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c"])
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"], name="expand")], "g", [x, shape], [y]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = write(model, work["models"] / "expand.onnx")
+    line = assert_user_error(
+        run_cleanup(work, path, "--verify", "numeric"),
+        "expand.onnx",
+        "--calib",
+        nothing_in=work["out"],
+    )
+    assert "generated inputs" in line
