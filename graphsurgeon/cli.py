@@ -187,6 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         drift = "-"
         if r.drift:
             drift = "; ".join(f"{k}: cos {v['cosine']:.4f}" for k, v in list(r.drift.items())[:2])
+        elif r.verified == "numeric":
+            drift = "none (outputs match)"
         table.add_row(
             r.step.split(" ")[0],
             r.name,

@@ -33,6 +33,7 @@ class PassRecord:
     before: ModelStats | None = None
     after: ModelStats | None = None
     drift: dict[str, Any] | None = None
+    verified: str | None = None  # "structural" or "numeric" once the checks passed
     notes: dict[str, Any] = field(default_factory=dict)
 
     def layer_changes(self) -> dict[str, dict[str, Any]]:
@@ -71,6 +72,7 @@ class PassRecord:
             "after": totals(self.after),
             "layers": self.layer_changes(),
             "drift": self.drift,
+            "verified": self.verified,
             "notes": self.notes,
         }
 

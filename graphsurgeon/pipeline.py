@@ -375,8 +375,10 @@ class _Runner:
         record.notes = pass_.report()
         if result.modified and self.verify != "off":
             check_structure(self.model, self.signature, step=label, strict_shapes=self.strict)
+            record.verified = "structural"
             if self.numeric is not None:
                 record.drift = self.numeric.check(self.model, pass_, label)
+                record.verified = "numeric"
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)
