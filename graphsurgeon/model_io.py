@@ -27,6 +27,7 @@ from graphsurgeon import onnx_api
 from graphsurgeon.errors import GraphSurgeonError, ModelError
 from graphsurgeon.shapes import apply_input_shapes
 from graphsurgeon.stream_save import save_embedded
+from graphsurgeon.verify import dangling_value
 
 # Protobuf cannot serialize messages over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -58,12 +59,13 @@ def load(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None 
         )
     check_external_data(proto, path.parent, where=path)
     try:
-        with _captured_ir_warnings() as warned:
+        with _quiet_ir_logger():
             model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelError(f"cannot convert to the IR: {_first_line(e)}", where=path) from None
-    if warned:  # onnx_ir logs (instead of raising) when a graph reads undefined values
-        raise ModelError(f"invalid graph: {warned[0]}", where=path)
+    problem = dangling_value(model)
+    if problem:
+        raise ModelError(f"invalid graph: {problem}", where=path)
     ir.external_data.set_base_dir(model.graph, os.fspath(path.parent))
     check_model(model, where=path)
     if shapes:
@@ -72,31 +74,16 @@ def load(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None 
 
 
 @contextlib.contextmanager
-def _captured_ir_warnings() -> Iterator[list[str]]:
-    """Keep onnx_ir's deserialization warnings off stderr; collect those that mean the graph
-    is invalid (a node input or graph output that nothing defines) as messages."""
-    invalid: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            args = record.args if isinstance(record.args, tuple) else ()
-            if "cannot be found in any scope" in str(record.msg) and len(args) >= 4:
-                invalid.append(
-                    f"node {args[1]!r} ({args[3]}) reads {args[0]!r}, which no node, graph "
-                    "input or initializer defines"
-                )
-            elif "is not produced by any node" in str(record.msg) and args:
-                invalid.append(f"graph output {args[0]!r} is not produced by any node")
-
-    logger = logging.getLogger("onnx_ir")
-    handler, propagate = Collect(), logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
+def _quiet_ir_logger() -> Iterator[None]:
+    """onnx_ir logs (rather than raises) when a graph reads values nothing defines; we report
+    that ourselves, as one error, so its log lines must not reach stderr."""
+    logger = logging.getLogger("onnx_ir")  # its modules' loggers inherit this level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        yield invalid
+        yield
     finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
+        logger.setLevel(level)
 
 
 def check_model(model: ir.Model, *, where: str | os.PathLike | None = None) -> None:

@@ -47,7 +47,7 @@ def check_structure(
     model: ir.Model, signature: Signature, *, step: str, strict_shapes: bool = True
 ) -> None:
     """Raise :class:`VerificationError` naming ``step`` if the model is structurally broken."""
-    problem = _dangling(model)
+    problem = dangling_value(model)
     if problem:
         raise VerificationError(f"{problem}", where=step)
     now = Signature.of(model)
@@ -82,15 +82,21 @@ def strict_shape_inference_ok(model: ir.Model) -> bool:
         return False
 
 
-def _dangling(model: ir.Model) -> str | None:
+def dangling_value(model: ir.Model) -> str | None:
     """A message for the first value used but not defined in scope, else None."""
 
     def visit(graph: ir.Graph, scope: set[ir.Value]) -> str | None:
         defined = set(scope) | set(graph.inputs) | set(graph.initializers.values())
+        produced_here = {v for node in graph for v in node.outputs}
         for node in graph:
             for value in node.inputs:
                 if value is not None and value not in defined:
-                    return f"node {node.name or node.op_type!r} reads {value.name!r}, which nothing defines"
+                    where = (
+                        "before the node that defines it (not topologically sorted)"
+                        if value in produced_here
+                        else "which no node, graph input or initializer defines"
+                    )
+                    return f"node {node.name or node.op_type!r} ({node.op_type}) reads {value.name!r}, {where}"
             for attr in node.attributes.values():
                 subgraphs = []
                 if attr.type == ir.AttributeType.GRAPH:
