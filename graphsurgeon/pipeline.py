@@ -29,7 +29,7 @@ from graphsurgeon.layers import find_layers, weight_ids
 from graphsurgeon.model_io import load
 from graphsurgeon.pass_base import GSPass, format_validation_error
 from graphsurgeon.registry import get_pass
-from graphsurgeon.shapes import ShapeInferencePass, static_dims
+from graphsurgeon.shapes import ShapeInferencePass, apply_input_shapes, static_dims
 from graphsurgeon.targets import Targets
 from graphsurgeon.verify import (
     Signature,
@@ -315,8 +315,6 @@ def run_pipeline(
     if not isinstance(model, ir.Model):
         model = load(model, shapes=shapes)
     elif shapes:
-        from graphsurgeon.shapes import apply_input_shapes
-
         apply_input_shapes(model, shapes)
     if calib is not None and not isinstance(calib, Dataset):
         calib = load_npz(calib, model)
