@@ -41,8 +41,9 @@ class Dataset:
             step = self.fixed_batch or batch_size
             if self.fixed_batch:
                 n = max(step, n - n % step)
+            end = n if not self.fixed_batch else len(self)  # a fixed batch is never cut short
             return [
-                {k: a[i : i + step] for k, a in self.arrays.items()}
+                {k: a[i : min(i + step, end)] for k, a in self.arrays.items()}
                 for i in range(0, n, step)
                 if i + step <= len(self) or not self.fixed_batch
             ]

@@ -75,6 +75,16 @@ class NoOptions(PassOptions):
     pass
 
 
+class LayerPassOptions(PassOptions):
+    """Options of passes that act per layer: any option may differ for chosen layers."""
+
+    overrides: dict[str, dict[str, Any]] = option(
+        {},
+        "Per-layer option values: layer id (or regex over ids) -> {option: value}. This is "
+        "how one pipeline gives each layer its own bit width or sparsity (mixed precision).",
+    )
+
+
 def search_spaces(options: type[PassOptions]) -> dict[str, FloatRange | IntRange | Choice]:
     """The declared search space of every searchable option."""
     spaces = {}

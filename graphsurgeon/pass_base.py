@@ -12,6 +12,7 @@ inside it; a pass adds only what it alone knows, through :meth:`GSPass.note` and
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +49,21 @@ class GSPass(InPlacePass):
                 self.options = self.Options(**(options or {}))
             except ValidationError as e:
                 raise GraphSurgeonError(f"pass {self.name}: {format_validation_error(e)}") from None
+        self._layer_options: dict[str, PassOptions] = {}
+        overrides = getattr(self.options, "overrides", None) or {}
+        for key, values in overrides.items():
+            try:
+                re.compile(key)
+                merged = {**self.options.model_dump(exclude={"overrides"}), **values}
+                self._layer_options[key] = self.Options(**merged)
+            except re.error as e:
+                raise GraphSurgeonError(
+                    f"pass {self.name}: overrides[{key}]: bad regex: {e}"
+                ) from None
+            except ValidationError as e:
+                raise GraphSurgeonError(
+                    f"pass {self.name}: overrides[{key}].{format_validation_error(e)}"
+                ) from None
         self.targets = targets or Targets()
         if not self.supports_targets and not self.targets.empty:
             raise GraphSurgeonError(
@@ -72,6 +88,17 @@ class GSPass(InPlacePass):
     # -- helpers for subclasses -------------------------------------------------------
     def selects(self, node: ir.Node) -> bool:
         return self.targets.selects(node)
+
+    def options_for(self, layer_id: str | None) -> PassOptions:
+        """The options for one layer: an exact ``overrides`` key wins, then the first regex
+        that matches the whole id, else the pass-wide options."""
+        if layer_id is not None and self._layer_options:
+            if layer_id in self._layer_options:
+                return self._layer_options[layer_id]
+            for key, options in self._layer_options.items():
+                if re.fullmatch(key, layer_id):
+                    return options
+        return self.options
 
     def skip(self, node: ir.Node, reason: str) -> None:
         """Record that ``node`` was left alone, and why (shown in the pass statistics)."""

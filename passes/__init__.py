@@ -1,21 +1,28 @@
-"""Built-in rewrite passes, one module per pass family (imported as ``graphsurgeon.passes``)."""
+"""Built-in rewrite passes, one module per pass family (imported as ``graphsurgeon.passes``).
 
-from graphsurgeon.passes.elimination import (
-    EliminateCommonSubexpressions,
-    EliminateDeadCode,
-    EliminateIdentities,
-)
-from graphsurgeon.passes.folding import FoldBatchNorm, FoldConstants, FuseMatMulAdd
-from graphsurgeon.passes.shapes import FixShapes
+Every public module here is imported, and importing it registers its passes; a new family is
+a new module, with no list to keep in step. Modules starting with ``_`` are helpers.
+"""
 
-BUILTIN_PASSES = [
-    FoldConstants,
-    EliminateDeadCode,
-    EliminateCommonSubexpressions,
-    EliminateIdentities,
-    FoldBatchNorm,
-    FuseMatMulAdd,
-    FixShapes,
-]
+from __future__ import annotations
 
-__all__ = ["BUILTIN_PASSES", *(p.__name__ for p in BUILTIN_PASSES)]
+import importlib
+import pkgutil
+
+from graphsurgeon.pass_base import GSPass
+
+BUILTIN_PASSES: list[type[GSPass]] = []
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("_"):
+        continue
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    BUILTIN_PASSES.extend(
+        obj
+        for obj in vars(_module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, GSPass)
+        and obj.__module__ == _module.__name__
+        and "name" in vars(obj)
+    )
+
+__all__ = ["BUILTIN_PASSES"]

@@ -132,7 +132,7 @@ def test_inspect_shows_the_dynamic_batch_dim(digits: dict[str, Path]) -> None:
 def test_passes_json() -> None:
     rows = json.loads(ok(gs("passes", "--json")).stdout)
     by_name = {row["name"]: row for row in rows}
-    assert set(by_name) == BUILTIN_PASSES and len(rows) == 7
+    assert set(by_name) >= BUILTIN_PASSES
     assert [row["name"] for row in rows] == sorted(by_name)
     for row in rows:
         assert row["kind"] in ("exact", "lossy", "surgery")

@@ -408,3 +408,14 @@ def test_in_memory_model_over_2gb_is_saved_with_external_data(tmp_path: Path) ->
     finally:
         for p in tmp_path.iterdir():
             p.unlink()
+
+
+def test_dataset_feeds_cover_exactly_max_samples(digits) -> None:
+    import graphsurgeon as gs
+    from graphsurgeon.data import load_npz
+
+    data = load_npz(digits["test"], gs.load(digits["model"]))
+    feeds = data.feeds(40, batch_size=16)
+    assert [len(f["input"]) for f in feeds] == [16, 16, 8]
+    fixed = load_npz(digits["test"], gs.load(digits["model"], shapes={"input": [4, 1, 8, 8]}))
+    assert [len(f["input"]) for f in fixed.feeds(10)] == [4, 4]  # whole batches, <= 10
