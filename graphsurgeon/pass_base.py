@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from pydantic import ValidationError
 
+from graphsurgeon.data import Dataset
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.options import NoOptions, PassOptions
 from graphsurgeon.targets import Targets
@@ -69,6 +70,9 @@ class GSPass(InPlacePass):
             raise GraphSurgeonError(
                 f"pass {self.name} works on the whole graph and does not take targets"
             )
+        #: Calibration data (``--calib``), set by the pipeline runner; None means passes that
+        #: need activations use generated inputs (see graphsurgeon.calibration).
+        self.calib: Dataset | None = None
         self.notes: dict[str, Any] = {}
         self.skipped: Counter[str] = Counter()
 

@@ -324,7 +324,7 @@ def run_pipeline(
     strict = verify != "off" and strict_shape_inference_ok(model)
     numeric = _NumericReference(model, calib) if verify == "numeric" else None
     instruments = list(default_instruments() if instruments is None else instruments)
-    runner = _Runner(model, signature, strict, verify, numeric, instruments, on_record)
+    runner = _Runner(model, signature, strict, verify, numeric, instruments, on_record, calib)
     modified = runner.run_steps(steps)
     return PipelineResult(
         model, modified, runner.records, numeric.drift_vs_original() if numeric else None
@@ -340,6 +340,7 @@ class _Runner:
     numeric: _NumericReference | None
     instruments: list[Instrument]
     on_record: Callable[[PassRecord], None] | None
+    calib: Dataset | None = None
     records: list[PassRecord] = field(default_factory=list)
 
     def run_steps(self, steps: Sequence[Step]) -> bool:
@@ -357,6 +358,7 @@ class _Runner:
 
     def run_pass(self, step: PassStep) -> bool:
         pass_ = step.instantiate()
+        pass_.calib = self.calib
         label = f"step {step.label}"
         record = PassRecord(step=step.label, name=pass_.name, kind=pass_.kind)
         inherit = weight_ids(find_layers(self.model))
