@@ -1,0 +1,4 @@
+"""Shipped hardware profiles (YAML), installed as ``graphsurgeon.hardware_profiles``.
+
+See ``graphsurgeon.profiles`` for the schema; ``graphsurgeon profile detect`` writes new ones.
+"""
