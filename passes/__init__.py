@@ -25,4 +25,5 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         and "name" in vars(obj)
     )
 
-__all__ = ["BUILTIN_PASSES"]
+globals().update({cls.__name__: cls for cls in BUILTIN_PASSES})  # from graphsurgeon.passes import X
+__all__ = ["BUILTIN_PASSES", *(cls.__name__ for cls in BUILTIN_PASSES)]
