@@ -62,6 +62,26 @@ def cmd_profile_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile_calibrate(args: argparse.Namespace) -> int:
+    from graphsurgeon.latency_model import LatencyTable, calibrate, predict
+    from graphsurgeon.model_io import load
+    from graphsurgeon.profiles import load_profile
+    from graphsurgeon.shapes import parse_shape_args
+
+    profile = load_profile(args.profile)
+    model = load(args.model, shapes=parse_shape_args(args.shape))
+    table = LatencyTable.load(profile)
+    added = calibrate(model, profile, table)
+    path = table.save(profile)
+    guess = predict(model, profile, table)
+    print(
+        f"{added} new entries ({len(table.entries)} in all) in {path}; predicted latency "
+        f"{guess.seconds * 1e3:.3f} ms ({guess.from_table} nodes from the table, "
+        f"{guess.from_roofline} from the roofline)"
+    )
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from graphsurgeon.data import load_npz
     from graphsurgeon.measure import measure_model
@@ -99,7 +119,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def add_device_commands(sub: argparse._SubParsersAction, add_shape) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("profile", help="hardware profiles: list, show, detect")
+    p = sub.add_parser("profile", help="hardware profiles: list, show, detect, calibrate")
     psub = p.add_subparsers(dest="profile_command", required=True)
     q = psub.add_parser("list", help="the shipped profiles")
     q.add_argument("--json", action="store_true")
@@ -111,6 +131,12 @@ def add_device_commands(sub: argparse._SubParsersAction, add_shape) -> None:  # 
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--quick", action="store_true", help="smaller microbenchmarks")
     q.set_defaults(func=cmd_profile_detect)
+
+    q = psub.add_parser("calibrate", help="fill the per-layer latency table for a model")
+    q.add_argument("model")
+    q.add_argument("--profile", required=True, help="shipped name or YAML file")
+    add_shape(q)
+    q.set_defaults(func=cmd_profile_calibrate)
 
     p = sub.add_parser("measure", help="latency, peak memory and energy on a device profile")
     p.add_argument("model")

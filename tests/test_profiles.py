@@ -180,3 +180,59 @@ def test_measure_refuses_a_backend_the_profile_lacks(digits) -> None:
     assert (
         result.returncode == 2 and "ort-cuda" in result.stderr and "Traceback" not in result.stderr
     )
+
+
+# -- latency model ---------------------------------------------------------------------------
+def test_latency_model_calibrates_every_node_and_persists(
+    digits, tmp_path: Path, monkeypatch
+) -> None:
+    import graphsurgeon as gs
+    from graphsurgeon.latency_model import LatencyTable, calibrate, predict
+
+    monkeypatch.setenv("GRAPHSURGEON_CACHE", str(tmp_path))
+    profile = load_profile("x86-avx512-vnni")
+    model = gs.load(digits["model"], shapes={"input": [1, 1, 8, 8]})
+    before = predict(model, profile, LatencyTable(profile.name))
+    assert before.from_table == 0 and before.seconds > 0  # all roofline
+    table = LatencyTable.load(profile)
+    assert calibrate(model, profile, table, repeats=5) > 0
+    after = predict(model, profile, table)
+    assert after.from_roofline == 0 and after.from_table == before.from_roofline
+    path = table.save(profile)
+    assert path.parent == tmp_path / "latency"
+    again = LatencyTable.load(profile)
+    assert again.entries == table.entries
+    assert calibrate(model, profile, again, repeats=5) == 0  # nothing new to measure
+
+
+def test_node_signature_tracks_work_not_names(digits) -> None:
+    import graphsurgeon as gs
+    from graphsurgeon.latency_model import node_signature
+    from graphsurgeon.layers import find_layers
+    from graphsurgeon.shapes import ShapeInferencePass
+
+    model = gs.load(digits["model"], shapes={"input": [1, 1, 8, 8]})
+    ShapeInferencePass()(model)
+    layer = find_layers(model)[1]
+    sig = node_signature(layer.node, layer)
+    layer.node.name = "renamed"
+    assert node_signature(layer.node, layer) == sig
+    weight = layer.weight.numpy().copy()
+    weight[: weight.shape[0] // 2] = 0  # half the filters zeroed: sparsity is part of the key
+    import onnx_ir as ir
+
+    layer.weight_value.const_value = ir.tensor(weight, name=layer.weight_value.name)
+    (layer,) = [x for x in find_layers(model) if x.node is layer.node]
+    assert node_signature(layer.node, layer) != sig
+
+
+def test_roofline_is_the_slower_of_compute_and_memory() -> None:
+    from graphsurgeon.latency_model import roofline_seconds
+
+    profile = load_profile("nvidia-h100-sxm")
+    flops, nbytes = 1e12, 1e6
+    assert roofline_seconds(profile, flops, nbytes, "bf16") == pytest.approx(flops / 989.5e12)
+    assert roofline_seconds(profile, 1e3, 1e9, "bf16") == pytest.approx(1e9 / 3350e9)
+    assert roofline_seconds(profile, flops, 0, "int4") == pytest.approx(
+        flops / 67e12
+    )  # no int4 peak: fp32

@@ -1,0 +1,258 @@
+"""A fast latency estimate for search: a per-layer lookup table measured on the device, with a
+roofline estimate wherever the table has no entry.
+
+A layer's latency depends on what it computes, so the table is keyed by a *signature*: op,
+input and weight shapes, weight dtype (bits), sparsity and the attributes that change the
+work (strides, groups...). ``calibrate`` extracts each layer into a one-node model (its
+constant inputs and their DequantizeLinear/Cast chains included, via onnx's Extractor), times
+it in onnxruntime with the profile's threads, and stores the median. Tables are JSON files,
+one per profile, cached under ``~/.cache/graphsurgeon/latency`` (``GRAPHSURGEON_CACHE``).
+
+The roofline estimate of any node is ``max(flops / peak[dtype], bytes / bandwidth)`` plus the
+per-node launch overhead: the time of whichever of compute and memory traffic is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.utils import Extractor
+
+from graphsurgeon.calibration import collect_activations
+from graphsurgeon.data import generate_inputs
+from graphsurgeon.latency import measure_latency
+from graphsurgeon.layers import Layer, find_layers
+from graphsurgeon.measure import available_cpus
+from graphsurgeon.model_io import atomic_write
+from graphsurgeon.profiles import HardwareProfile
+from graphsurgeon.shapes import ShapeInferencePass, static_dims
+from graphsurgeon.stats import model_stats
+
+_WORK_ATTRS = (
+    "strides",
+    "dilations",
+    "group",
+    "pads",
+    "kernel_shape",
+    "transA",
+    "transB",
+    "auto_pad",
+)
+_DTYPE = {
+    "INT8": "int8",
+    "UINT8": "int8",
+    "INT4": "int4",
+    "UINT4": "int4",
+    "FLOAT16": "fp16",
+    "BFLOAT16": "bf16",
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GRAPHSURGEON_CACHE") or Path.home() / ".cache" / "graphsurgeon"
+    return Path(root) / "latency"
+
+
+def node_signature(node: ir.Node, layer: Layer | None = None) -> str | None:
+    """Everything that changes a node's work, or None if an input shape is not static.
+
+    Inputs are described by dtype and shape (the values of small constant inputs, like a
+    Reshape's target shape, change no work); a layer's weight adds its sparsity.
+    """
+    inputs = []
+    for value in node.inputs:
+        if value is None:
+            inputs.append(None)
+            continue
+        dims = static_dims(value.shape)
+        if dims is None and value.const_value is not None:
+            dims = list(value.const_value.shape)
+        if dims is None:
+            return None
+        inputs.append([value.dtype.name if value.dtype else "?", dims])
+    key: dict[str, object] = {
+        "op": f"{node.domain}::{node.op_type}" if node.domain else node.op_type,
+        "inputs": inputs,
+        "attrs": {
+            k: _attr_value(a)
+            for k, a in sorted(node.attributes.items())
+            if k in _WORK_ATTRS or a.type != ir.AttributeType.GRAPH
+        },
+    }
+    if layer is not None:
+        weight = layer.weight.numpy() if layer.weight.size <= 1 << 24 else None
+        key["weight"] = [layer.weight.dtype.name, list(layer.weight.shape)]
+        key["sparsity"] = 0.0 if weight is None else round(float(np.mean(weight == 0)) * 20) / 20
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _attr_value(attr: ir.Attr) -> object:
+    value = attr.value
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass
+class LatencyTable:
+    profile: str
+    entries: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def path_for(cls, profile: HardwareProfile) -> Path:
+        digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
+        return cache_dir() / f"{profile.name}-{digest}.json"
+
+    @classmethod
+    def load(cls, profile: HardwareProfile) -> LatencyTable:
+        path = cls.path_for(profile)
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return cls(profile.name, {k: float(v) for k, v in data["entries"].items()})
+        return cls(profile.name)
+
+    def save(self, profile: HardwareProfile) -> Path:
+        path = self.path_for(profile)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            json.dump(
+                {"profile": self.profile, "entries": self.entries}, f, indent=1, sort_keys=True
+            )
+        return path
+
+
+def _node_model(full: onnx.ModelProto, node: ir.Node, constants: set[str]) -> onnx.ModelProto:
+    """The node alone: its non-constant inputs become graph inputs, its constants stay."""
+    inputs = [v.name for v in node.inputs if v is not None and v.name not in constants]
+    return Extractor(full).extract_model(list(dict.fromkeys(inputs)), [node.outputs[0].name])
+
+
+def annotate_runtime_shapes(model: ir.Model) -> None:
+    """Give every main-graph value the shape it has when the model runs on generated inputs.
+
+    Shape inference leaves dims unknown behind Reshapes whose target is computed at run
+    time; one real run fills them in, so that every node gets a signature.
+    """
+    ShapeInferencePass()(model)
+    wanted = [
+        o.name
+        for node in model.graph
+        for o in node.outputs
+        if o.type is not None and o.dtype is not None and static_dims(o.shape) is None
+    ]
+    if not wanted:
+        return
+    values = {o.name: o for node in model.graph for o in node.outputs}
+    arrays = collect_activations(model, [generate_inputs(model, seed=0)], wanted)
+    for name, array in arrays.items():
+        values[name].shape = ir.Shape(list(array.shape))
+
+
+def _constant_names(model: ir.Model) -> set[str]:
+    """Values computable without inputs: initializers and what only they feed (DQ chains...)."""
+    names = {v.name for v in model.graph.initializers.values()}
+    for node in model.graph:
+        if all(v is None or v.name in names for v in node.inputs):
+            names.update(o.name for o in node.outputs)
+    return names
+
+
+def calibrate(
+    model: ir.Model, profile: HardwareProfile, table: LatencyTable, *, repeats: int = 30
+) -> int:
+    """Time every node of ``model`` whose signature the table lacks; returns how many.
+
+    Each entry is the node's median latency alone minus the session's fixed launch overhead,
+    which a whole model pays once, not per node.
+    """
+    annotate_runtime_shapes(model)
+    full = onnx.shape_inference.infer_shapes(ir.to_proto(model))
+    threads = min(profile.threads(), available_cpus())
+    overhead = _launch_overhead(profile)
+    constants = _constant_names(model)
+    layers = {layer.node: layer for layer in find_layers(model)}
+    added = 0
+    for node in model.graph:
+        if node.outputs and node.outputs[0].name in constants:
+            continue  # folded away at session creation
+        sig = node_signature(node, layers.get(node))
+        if sig is None or sig in table.entries:
+            continue
+        try:
+            sub = _node_model(full, node, constants)
+            feed = generate_inputs(ir.serde.deserialize_model(sub), seed=0)
+            stats = measure_latency(
+                sub.SerializeToString(), [feed], threads=threads, repeats=repeats
+            )
+        except Exception:
+            continue  # a node ORT cannot run alone (sequence types, subgraphs): roofline
+        table.entries[sig] = max(0.0, stats.median_s - overhead)
+        added += 1
+    return added
+
+
+def _launch_overhead(profile: HardwareProfile) -> float:
+    return float(profile.microbenchmarks.get("ort-cpu", {}).get("launch_overhead_us", 2.0)) * 1e-6
+
+
+@dataclass
+class Prediction:
+    seconds: float
+    from_table: int  # nodes found in the table
+    from_roofline: int  # nodes estimated by the roofline
+
+
+def roofline_seconds(
+    profile: HardwareProfile, flops: float, nbytes: float, dtype: str = "fp32"
+) -> float:
+    peak = profile.peak.get(dtype) or profile.peak["fp32"]  # type: ignore[call-overload]
+    compute = flops / (peak.dense * 1e12)
+    memory = nbytes / (profile.memory.bandwidth_gbs * 1e9)
+    return max(compute, memory)
+
+
+def predict(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> Prediction:
+    """Estimated latency of ``model``: the table for known nodes, the roofline for the rest.
+
+    A layer missing from the table is charged its FLOPs and weight bytes; any other node one
+    memory-bound pass over its output. The session's launch overhead is paid once.
+    """
+    annotate_runtime_shapes(model)
+    stats = model_stats(model)
+    constants = _constant_names(model)
+    layers = {layer.node: layer for layer in find_layers(model)}
+    total, hits, misses = _launch_overhead(profile), 0, 0
+    for node in model.graph:
+        if node.outputs and node.outputs[0].name in constants:
+            continue
+        layer = layers.get(node)
+        sig = node_signature(node, layer)
+        if sig is not None and sig in table.entries:
+            total += table.entries[sig]
+            hits += 1
+            continue
+        misses += 1
+        if layer is not None:
+            flops = stats.layers[layer.id].flops or 0
+            dtype = _DTYPE.get(layer.weight.dtype.name, "fp32")
+            total += roofline_seconds(profile, flops, layer.weight.nbytes, dtype)
+            continue
+        out = node.outputs[0] if node.outputs else None
+        dims = static_dims(out.shape) if out is not None else None
+        total += roofline_seconds(profile, 0, 8 * int(np.prod(dims)) if dims else 0)
+    return Prediction(total, hits, misses)
+
+
+__all__ = [
+    "LatencyTable",
+    "Prediction",
+    "calibrate",
+    "node_signature",
+    "predict",
+    "roofline_seconds",
+]
