@@ -265,6 +265,152 @@ class _nullcontext:
         return None
 
 
+def _parse_mapping(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON or YAML mapping given on the command line."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise GraphSurgeonError(f"{what}: not valid JSON or YAML ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise GraphSurgeonError(f"{what}: expected a mapping like {{energy: 0.9}}, got {text!r}")
+    return value
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _parse_strengths(texts: list[str] | None) -> list[Any] | None:
+    import yaml
+
+    values: list[Any] = []
+    for text in texts or []:
+        for part in text.split(","):
+            if part.strip():
+                try:
+                    values.append(yaml.safe_load(part.strip()))
+                except yaml.YAMLError:
+                    raise GraphSurgeonError(f"--strengths: bad value {part!r}") from None
+    return values or None
+
+
+def _number(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from graphsurgeon.metrics import load_metric
+    from graphsurgeon.model_io import load
+    from graphsurgeon.registry import get_pass
+    from graphsurgeon.sensitivity import sensitivity_report
+    from graphsurgeon.shapes import parse_shape_args
+
+    options = _parse_mapping(args.options, "--options")
+    get_pass(args.pass_name)(options)  # fail fast on bad input, before loading the model
+    load_metric(args.metric)
+    strengths = _parse_strengths(args.strengths)
+    for path in (args.calib, args.eval):
+        if path is not None and not Path(path).is_file():
+            raise GraphSurgeonError("no such file", where=path)
+    model = load(args.model, shapes=parse_shape_args(args.shape))
+    report = sensitivity_report(
+        model,
+        args.pass_name,
+        options=options,
+        calib=args.calib,
+        eval_data=args.eval or args.calib,
+        metric=args.metric,
+        option=args.option,
+        strengths=strengths,
+        units=args.layers or None,
+        max_samples=args.max_samples,
+    )
+    report = {"model": os.fspath(args.model), **report}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    head = report["metric"]
+    title = f"sensitivity of {args.model} to {args.pass_name}"
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "op", report["option"] or "setting", head, "drift", "params", "status"):
+        table.add_column(col, justify="right" if col in (head, "drift", "params") else "left")
+    for row in report["rows"]:
+        table.add_row(
+            escape(row["layer"]),
+            row["op"],
+            _number(row["value"]) if report["option"] else "remove",
+            _number(row["metrics"].get(head)),
+            _number(row["drift"]),
+            _human(row["params"]),
+            escape(row["status"]),
+        )
+    con = _console()
+    con.print(table)
+    baseline = ", ".join(f"{k} {_number(v)}" for k, v in report["baseline"].items())
+    con.print(f"original: {baseline}; {_human(report['params'])} params; drift = {head} lost")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from graphsurgeon.compare import compare_models
+    from graphsurgeon.data import load_npz
+    from graphsurgeon.model_io import load
+    from graphsurgeon.shapes import parse_shape_args
+
+    shapes = parse_shape_args(args.shape)
+    a = load(args.model_a, shapes=shapes)
+    b = load(args.model_b, shapes=shapes)
+    calib = load_npz(args.calib, a)
+    diffs = compare_models(a, b, calib, max_samples=args.max_samples)
+    rows = [d.to_dict() for d in diffs]
+    if args.json:
+        print(
+            json.dumps(
+                {"a": os.fspath(args.model_a), "b": os.fspath(args.model_b), "tensors": rows},
+                indent=2,
+            )
+        )
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    shown = diffs[: args.top] if args.top else diffs
+    table = Table(title=f"{args.model_b} vs {args.model_a}, worst first", title_justify="left")
+    for col in ("tensor", "op", "matched by", "shape", "SQNR dB", "cosine", "max abs"):
+        table.add_column(
+            col, justify="right" if col in ("SQNR dB", "cosine", "max abs") else "left"
+        )
+    for d in shown:
+        name = d.a if d.a == d.b else f"{d.a} ~ {d.b}"
+        table.add_row(
+            escape(name),
+            d.op,
+            d.matched_by,
+            "x".join(map(str, d.shape)),
+            f"{d.sqnr_db:.2f}",
+            f"{d.cosine:.6f}",
+            f"{d.max_abs:.3g}",
+        )
+    con = _console()
+    con.print(table)
+    same = sum(1 for d in diffs if d.sqnr_db == float("inf"))
+    con.print(
+        f"{len(diffs)} tensors matched, {same} identical; {len(diffs) - len(shown)} not shown"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphsurgeon import __version__
 
@@ -298,6 +444,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write per-pass statistics as JSON")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR as text after every pass")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sensitivity", help="drift per layer when only that layer is compressed")
+    p.add_argument("model")
+    p.add_argument("--pass", dest="pass_name", required=True, help="a registered lossy pass")
+    p.add_argument("--options", help="base options, JSON or YAML: '{energy: 0.9}'")
+    p.add_argument("--calib", required=True, help=".npz inputs the pass calibrates on")
+    p.add_argument("--eval", help=".npz the metric is measured on (default: --calib)")
+    p.add_argument("--metric", help="module:function or fidelity|top1|accuracy|default")
+    p.add_argument("--option", help="the option to vary (default: the pass's strength option)")
+    p.add_argument(
+        "--strengths", nargs="+", help="values of that option, mildest first (0.99,0.9,0.7)"
+    )
+    p.add_argument("--layers", action="append", help="only these layer ids/regexes (repeatable)")
+    p.add_argument("--max-samples", type=int, default=256, help="evaluation samples (256)")
+    p.add_argument("--json", action="store_true")
+    _add_shape(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("compare", help="cosine and SQNR of every intermediate tensor of B vs A")
+    p.add_argument("model_a", metavar="A.onnx")
+    p.add_argument("model_b", metavar="B.onnx")
+    p.add_argument("--calib", required=True, help=".npz inputs both models run on")
+    p.add_argument("--max-samples", type=int, default=16, help="samples to run (16)")
+    p.add_argument("--top", type=int, default=30, help="rows to show, worst first (0: all)")
+    p.add_argument("--json", action="store_true")
+    _add_shape(p)
+    p.set_defaults(func=cmd_compare)
+    from graphsurgeon.cli_device import add_device_commands
+
+    add_device_commands(sub, _add_shape)
     return parser
 
 

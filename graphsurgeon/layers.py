@@ -3,6 +3,8 @@
 A layer is a Conv, ConvTranspose, Gemm, MatMul with a constant operand, LSTM, GRU or RNN, or a
 Gather on a constant floating-point table (an embedding). "Constant" means an initializer, a
 ``Constant`` node, or a ``DequantizeLinear`` of either (a quantized weight is still a weight).
+Packed weights count too (see :mod:`graphsurgeon.packed`): a com.microsoft ``MatMulNBits``
+is a layer, and so is any node whose weight a tagged decode subgraph rebuilds.
 
 Each layer gets a stable id, stored in the node's ``metadata_props`` so that it survives saving,
 reloading and rewrites: a node that replaces a layer (BatchNorm folded into a Conv, say) and
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from graphsurgeon.packed import DECODED_WEIGHT_KEY, decoded_weight, matmulnbits_weight
+
 LAYER_ID_KEY = "graphsurgeon.layer_id"
 LAYER_OP_TYPES = frozenset(
     {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Gather"}
+    | {"MatMulInteger", "ConvInteger"}  # dynamic int8 (quantize-dynamic): weight is input 1
 )
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -63,21 +68,35 @@ def constant_of(value: ir.Value | None) -> ir.TensorProtocol | None:
     producer = value.producer()
     if producer is not None and producer.op_type == "DequantizeLinear" and producer.domain == "":
         return ir.convenience.get_const_tensor(producer.inputs[0]) if producer.inputs else None
-    return None
+    return decoded_weight(value)  # packed codes rebuilt by a tagged constant subgraph
+
+
+def _weight_tensor(node: ir.Node, index: int) -> ir.TensorProtocol | None:
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        return matmulnbits_weight(node)
+    return constant_of(node.inputs[index])
 
 
 def _weight_index(node: ir.Node) -> int | None:
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        return 1 if matmulnbits_weight(node) is not None else None
+    if DECODED_WEIGHT_KEY in node.metadata_props:
+        return None  # a step that decodes a packed weight (its codebook Gather is no embedding)
     if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OP_TYPES:
         return None
     op = node.op_type
-    candidates = {"Gemm": (1, 0), "MatMul": (1, 0), "Gather": (0,)}.get(op, (1,))
+    candidates = {"Gemm": (1, 0), "MatMul": (1, 0), "MatMulInteger": (1, 0), "Gather": (0,)}.get(
+        op, (1,)
+    )
     for index in candidates:
         if index < len(node.inputs):
             tensor = constant_of(node.inputs[index])
             if tensor is None:
                 continue
-            if op == "Gather" and tensor.dtype not in _FLOAT_TYPES:
-                continue  # integer tables are shape plumbing, not embeddings
+            producer = node.inputs[index].producer()
+            dequantized = producer is not None and producer.op_type == "DequantizeLinear"
+            if op == "Gather" and tensor.dtype not in _FLOAT_TYPES and not dequantized:
+                continue  # integer tables are shape plumbing, not embeddings (unless int8 ones)
             return index
     return None
 
@@ -123,7 +142,7 @@ def find_layers(model: ir.Model, inherit: Mapping[str, str] | None = None) -> li
         used.add(candidate)
     layers = []
     for node, index in found:
-        tensor = constant_of(node.inputs[index])
+        tensor = _weight_tensor(node, index)
         assert tensor is not None
         layers.append(Layer(node.metadata_props[LAYER_ID_KEY], node, index, tensor))
     return layers

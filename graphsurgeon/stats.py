@@ -57,7 +57,7 @@ def layer_macs(layer: Layer) -> int | None:
     out = _out_shape(layer)
     if op == "Gather":
         return 0
-    if op == "Conv":
+    if op in ("Conv", "ConvInteger"):
         n = _numel(out)
         return None if n is None else n * math.prod(w[1:])
     if op == "ConvTranspose":
@@ -75,7 +75,7 @@ def layer_macs(layer: Layer) -> int | None:
             trans_a = node.attributes.get_int("transA", 0)
             k = w[0] if trans_a else w[1]
         return n * k
-    if op == "MatMul":
+    if op in ("MatMul", "MatMulNBits", "MatMulInteger"):  # MatMulNBits: weight [K, N] (packed)
         n = _numel(out)
         if n is None:
             return None

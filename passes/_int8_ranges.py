@@ -1,0 +1,176 @@
+"""Activation ranges for int8 quantization, from onnxruntime's calibrators plus an MSE search.
+
+minmax, entropy and percentile are onnxruntime's own calibrators (``MinMaxCalibrater``,
+``EntropyCalibrater``, ``PercentileCalibrater``), run on the model once per method actually
+used. ORT has no MSE method; ``mse`` reuses the histograms ORT's percentile collector builds
+and picks the clipping range minimizing the expected quantization error (:func:`mse_range`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+from onnxruntime.quantization.calibrate import CalibraterBase
+
+from graphsurgeon.data import Feed
+
+Range = tuple[float, float]
+METHODS = ("minmax", "percentile", "entropy", "mse")
+ENTROPY_BINS = 512  # KL search cost grows with bins (ORT's search is a Python loop)
+
+
+class FeedReader(CalibrationDataReader):
+    """ORT's data reader interface over our calibration feeds (one pass, then ``None``)."""
+
+    def __init__(self, feeds: Sequence[Feed], input_names: set[str]) -> None:
+        self._feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+        self._next = 0
+
+    def get_next(self) -> Feed | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+
+@contextlib.contextmanager
+def quiet_ort_tools() -> Iterator[None]:
+    """ORT's quantization tools print progress and log advice; keep our CLI output clean."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+class ActivationRanges:
+    """Per-tensor ranges of the float activations around ``op_types`` nodes, per method.
+
+    Each calibrator runs the model over the feeds once, lazily, the first time its method is
+    asked for; percentile and mse share one histogram collection.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        work_dir: Path,
+        feeds: Sequence[Feed],
+        input_names: set[str],
+        op_types: Sequence[str],
+        num_bins: int,
+    ) -> None:
+        self.model_path, self.work_dir = model_path, work_dir
+        self.feeds, self.input_names = feeds, input_names
+        self.op_types, self.num_bins = list(op_types), num_bins
+        self._calibrators: dict[str, object] = {}
+        self._cache: dict[tuple[str, float, bool], dict[str, Range]] = {}
+
+    def _calibrator(self, kind: str) -> CalibraterBase:
+        if kind not in self._calibrators:
+            method, extra = {
+                "minmax": (CalibrationMethod.MinMax, {}),
+                # ORT's default of 128 bins for 128 quantized bins leaves the KL search one
+                # candidate, the min/max range; more bins give it thresholds to choose from.
+                "entropy": (CalibrationMethod.Entropy, {"num_bins": ENTROPY_BINS}),
+                # signed histogram (symmetric=False): both tails are cut, and MSE sees signs
+                "histogram": (
+                    CalibrationMethod.Percentile,
+                    {"symmetric": False, "num_bins": self.num_bins},
+                ),
+            }[kind]
+            with quiet_ort_tools():
+                calibrator = create_calibrator(
+                    self.model_path,
+                    self.op_types,
+                    augmented_model_path=str(self.work_dir / f"augmented_{kind}.onnx"),
+                    calibrate_method=method,
+                    extra_options=extra,
+                )
+                calibrator.collect_data(FeedReader(self.feeds, self.input_names))
+            self._calibrators[kind] = calibrator
+        return self._calibrators[kind]
+
+    def get(
+        self, method: str, percentile: float = 99.999, symmetric: bool = False
+    ) -> dict[str, Range]:
+        key = (method, percentile if method == "percentile" else 0.0, symmetric and method == "mse")
+        if key in self._cache:
+            return self._cache[key]
+        if method == "mse":
+            collector = self._calibrator("histogram").collector
+            ranges = {
+                name: mse_range(h[0], h[1], float(h[2]), float(h[3]), symmetric=symmetric)
+                for name, h in collector.histogram_dict.items()
+            }
+        else:
+            calibrator = self._calibrator("histogram" if method == "percentile" else method)
+            if method == "percentile":
+                calibrator.collector.percentile = percentile
+            with quiet_ort_tools():
+                data = calibrator.compute_data()
+            ranges = {
+                name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
+                for name, d in data.items()
+            }
+        self._cache[key] = ranges
+        return ranges
+
+
+def mse_range(
+    hist: np.ndarray,
+    edges: np.ndarray,
+    lowest: float,
+    highest: float,
+    *,
+    symmetric: bool = False,
+    levels: int = 255,
+    grid: int = 128,
+) -> Range:
+    """The clipping range ``[lo, hi]`` minimizing the expected quantization MSE.
+
+    With ``levels`` steps the scale is ``s = (hi - lo) / levels``. A value inside the range
+    is rounded to the grid: expected error ``s^2 / 12`` (uniform rounding noise); a value
+    outside is clipped: error ``(x - clip(x))^2``. Over the calibration histogram (bin
+    centers ``c_i``, frequencies ``p_i``)::
+
+        MSE(lo, hi) = sum_{c_i < lo} p_i (c_i - lo)^2 + sum_{c_i > hi} p_i (c_i - hi)^2
+                      + (hi - lo)^2 / (12 levels^2) * sum_{lo <= c_i <= hi} p_i
+
+    Shrinking the range trades clipping error on the tails for finer steps everywhere. Each
+    tail term depends on one end only, so ``grid`` candidates per end (fractions of the
+    observed min and max) give ``grid^2`` ranges for the price of ``2 grid`` tail sums. The
+    range always contains 0 (zero must be exact); ``symmetric`` searches ``[-m, m]``.
+    """
+    total = float(hist.sum())
+    lo, hi = min(lowest, 0.0), max(highest, 0.0)
+    if total <= 0 or hi - lo <= 0:
+        return lo, hi
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    centers = (edges[:-1].astype(np.float64) + edges[1:].astype(np.float64)) / 2
+    p = hist.astype(np.float64) / total
+    fractions = np.linspace(1.0 / grid, 1.0, grid)
+    cand_lo, cand_hi = fractions * lo, fractions * hi  # [G] each
+    below = centers[None, :] < cand_lo[:, None]  # [G, bins]
+    above = centers[None, :] > cand_hi[:, None]
+    clip_lo = (np.where(below, (centers - cand_lo[:, None]) ** 2, 0.0) * p).sum(1)
+    clip_hi = (np.where(above, (centers - cand_hi[:, None]) ** 2, 0.0) * p).sum(1)
+    inside = 1.0 - (below * p).sum(1)[:, None] - (above * p).sum(1)[None, :]  # [G_lo, G_hi]
+    width = cand_hi[None, :] - cand_lo[:, None]
+    mse = clip_lo[:, None] + clip_hi[None, :] + width**2 / (12 * levels**2) * inside
+    if symmetric:
+        best = int(np.argmin(np.diagonal(mse)))
+        return float(cand_lo[best]), float(cand_hi[best])
+    i, j = np.unravel_index(int(np.argmin(mse)), mse.shape)
+    return float(cand_lo[i]), float(cand_hi[j])

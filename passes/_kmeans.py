@@ -1,0 +1,78 @@
+"""Deterministic 1-D k-means (Lloyd's algorithm) for weight sharing, in numpy.
+
+Weights are scalars, so each Lloyd step is exact and cheap: with the centroids sorted, the
+nearest one is found by ``searchsorted`` over the midpoints between neighbours, and the update
+is a ``bincount`` mean. Lloyd's only finds a local optimum of ``sum (w - c[label(w)])^2``, so
+it starts from greedy k-means++ seeds (each next seed is the best of a few draws with
+probability proportional to the squared distance to the nearest seed so far), a few times with
+fixed random seeds, and keeps the best.
+Quantile starts looked natural but stall on peaked weight distributions (many centroids in the
+dense centre, none in the tails): 15% worse than scikit-learn at k=16, 100x at k=256.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_FIT_SAMPLE = 1 << 18  # values used to fit the centroids of a big table
+_SEED_SAMPLE = 1 << 14  # values the k-means++ seeding draws from
+
+
+def kmeans_1d(
+    x: np.ndarray, k: int, *, iterations: int = 100, restarts: int = 4, tol: float = 1e-9
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted centroids ``[k]`` (float64) and labels (uint8 for ``k <= 256``) of ``x``.
+
+    Big tables (embeddings) are fitted on an evenly strided sample of 2^18 values: the
+    centroids of a scalar distribution are pinned down long before that. All values are
+    assigned at the end.
+    """
+    values = np.asarray(x, dtype=np.float64).ravel()
+    data = values[:: max(1, values.size // _FIT_SAMPLE)]
+    best, best_cost = None, np.inf
+    for seed in range(restarts):
+        centroids = _lloyd(data, _kmeanspp(data, k, seed), iterations, tol)
+        cost = float(np.sum((data - centroids[_assign(data, centroids)]) ** 2))
+        if cost < best_cost:
+            best, best_cost = centroids, cost
+    assert best is not None
+    labels = _assign(values, best)
+    return best, labels.astype(np.uint8 if k <= 256 else np.int64)
+
+
+def _assign(data: np.ndarray, sorted_centroids: np.ndarray) -> np.ndarray:
+    return np.searchsorted((sorted_centroids[1:] + sorted_centroids[:-1]) / 2, data)
+
+
+def _kmeanspp(data: np.ndarray, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pool = data[:: max(1, data.size // _SEED_SAMPLE)]
+    centroids = [pool[rng.integers(pool.size)]]
+    dist = (pool - centroids[0]) ** 2
+    trials = 2 + int(np.log(k))  # greedy k-means++, as scikit-learn does it
+    for _ in range(k - 1):
+        total = dist.sum()
+        if total <= 0:
+            picks = rng.integers(pool.size, size=trials)
+        else:
+            picks = rng.choice(pool.size, size=trials, p=dist / total)
+        candidates = np.minimum(dist, (pool[None, :] - pool[picks, None]) ** 2)
+        best = int(np.argmin(candidates.sum(axis=1)))
+        centroids.append(pool[picks[best]])
+        dist = candidates[best]
+    return np.sort(np.asarray(centroids))
+
+
+def _lloyd(data: np.ndarray, centroids: np.ndarray, iterations: int, tol: float) -> np.ndarray:
+    k = centroids.size
+    scale = max(1.0, float(np.max(np.abs(data), initial=0.0)))
+    for _ in range(iterations):
+        labels = _assign(data, centroids)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.bincount(labels, weights=data, minlength=k)
+        new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centroids))
+        moved = float(np.max(np.abs(new - centroids)))
+        centroids = new
+        if moved <= tol * scale:
+            break
+    return centroids

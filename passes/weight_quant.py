@@ -1,0 +1,315 @@
+"""``quantize-weights``: weight-only low-bit quantization (int8/4/2, ternary, binary), packed.
+
+Each weight becomes block-wise codes (see :mod:`graphsurgeon.passes._lowbit` for the grids):
+groups of ``group_size`` consecutive weights along the reduction dim share one scale (and, if
+asymmetric, one zero point). Activations stay float; only the stored weights shrink.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from graphsurgeon.passes._gptq import gptq_quantize, hessian
+from graphsurgeon.passes._lowbit import (
+    DECODE_OVERHEAD_BYTES,
+    Grid,
+    emit_codebook_decode,
+    matmulnbits_tensors,
+    quantize_rtn,
+    unique_name,
+)
+
+from graphsurgeon.calibration import calibration_feeds, collect_activations
+from graphsurgeon.layers import LAYER_ID_KEY, Layer, find_layers
+from graphsurgeon.options import Choice, FloatRange, IntRange, LayerPassOptions, option
+from graphsurgeon.pass_base import GSPass, PassResult
+from graphsurgeon.registry import register
+
+Bits = Literal[8, 4, 2, 1, "ternary"]
+MS_DOMAIN = "com.microsoft"
+MATMULNBITS_BITS = (2, 4, 8)  # ORT's CPU kernel (checked on 1.31)
+
+
+class QuantizeWeightsOptions(LayerPassOptions):
+    bits: Bits = option(
+        4,
+        "Code width: 8, 4 or 2 bit integers, 1 (binary: +-a per group) or 'ternary' "
+        "({-a, 0, +a} per group, stored in 2 bits).",
+        Choice([8, 4, 2, "ternary", 1]),
+    )
+    group_size: Literal[16, 32, 64, 128, 256] = option(
+        32,
+        "Weights per scale, consecutive along the reduction dim.",
+        Choice([32, 64, 128]),
+    )
+    symmetric: bool = option(
+        True,
+        "Symmetric grid (no zero points). Asymmetric stores a zero point per group and fits "
+        "skewed groups better. Binary and ternary are symmetric by construction.",
+        Choice([True, False]),
+    )
+    method: Literal["rtn", "gptq"] = option(
+        "rtn",
+        "rtn: round to nearest. gptq: compensate each column's rounding error on the "
+        "columns after it, weighted by the layer's inputs on calibration data (MatMul/Gemm).",
+        Choice(["rtn", "gptq"]),
+    )
+    damp: float = option(
+        0.01,
+        "GPTQ: fraction of mean(diag H) added to H's diagonal.",
+        FloatRange(0.001, 0.1, log=True),
+        gt=0,
+        le=1,
+    )
+    calib_samples: int = option(
+        64, "GPTQ: calibration samples used to estimate H.", IntRange(8, 256, log=True), ge=1
+    )
+    format: Literal["auto", "codebook"] = option(
+        "auto",
+        "auto: MatMul -> com.microsoft MatMulNBits (ORT's int-b kernel), other layers -> a "
+        "codebook decode subgraph; codebook: the decode subgraph everywhere (default domain "
+        "only, for runtimes without MatMulNBits).",
+    )
+
+
+@register
+class QuantizeWeights(GSPass):
+    """Quantize layer weights to packed low-bit codes, block-wise along the reduction dim.
+
+    Cases:
+
+    - MatMul with a constant 2-D ``[K, N]`` weight and float32 input -> ``MatMulNBits``
+      (bits 2/4/8; binary and ternary as 2-bit codes {1, 3} / {1, 2, 3} with the kernel's
+      default zero point 2): ORT runs it natively, packed weights stay packed in memory.
+    - Gemm (weight as B), Conv, and MatMul under ``format: codebook`` -> the weight input is
+      rebuilt at run time from packed codes by a default-domain decode subgraph (``Cast``,
+      integer ``Div``/``Mod`` unpacking, ``Gather`` of a 2^b codebook, ``Mul`` by group
+      scales): binary uses 1 bit per weight there. ORT's constant folding (on by default in
+      sessions) runs the decode once at load time.
+    - GPTQ (``method: gptq``) on MatMul/Gemm: ``H = 2 X^T X / n`` from the layer's inputs on
+      calibration data (one run of the original model), then the column-wise OBQ update of
+      :mod:`graphsurgeon.passes._gptq`. Conv layers fall back to round-to-nearest.
+
+    Refused, with a reason: a weight that is already packed, shared by several nodes or a
+    graph input; a constant A operand; ConvTranspose, recurrent and embedding layers; weights
+    whose packed form would not be smaller; a default opset below 13 for the decode subgraph.
+    """
+
+    name = "quantize-weights"
+    kind = "lossy"
+    Options = QuantizeWeightsOptions
+
+    def call(self, model: ir.Model) -> PassResult:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        plans: list[tuple[Layer, QuantizeWeightsOptions, np.ndarray, bool]] = []
+        for layer in find_layers(model):
+            if not self.selects(layer.node):
+                continue
+            opts = self.options_for(layer.id)
+            assert isinstance(opts, QuantizeWeightsOptions)
+            view, reason = _matrix_view(layer)
+            if reason is None and opset < 13 and not _uses_matmulnbits(layer, opts):
+                reason = f"the decode subgraph needs opset >= 13 (model has {opset})"
+            if reason is not None:
+                self.skip(layer.node, reason)
+                continue
+            assert view is not None
+            plans.append((layer, opts, view[0], view[1]))
+        hessians = self._hessians(model, plans)
+        modified = False
+        summary: dict[str, str] = {}
+        for layer, opts, v, transposed in plans:
+            grid = _grid(opts)
+            if opts.method == "gptq" and layer.id in hessians:
+                codes, scale, zero = gptq_quantize(
+                    v, hessians[layer.id], grid, opts.group_size, opts.damp
+                )
+            else:
+                codes, scale, zero = quantize_rtn(v, grid, opts.group_size)
+            use_nbits = _uses_matmulnbits(layer, opts)
+            packed_bytes = _packed_bytes(codes, scale, grid, use_nbits)
+            if packed_bytes >= layer.weight.nbytes:
+                self.skip(layer.node, "the packed form would not be smaller than the weight")
+                continue
+            if use_nbits:
+                _to_matmulnbits(model, layer, codes, scale, zero, grid, opts.group_size)
+            else:
+                _to_codebook(layer, codes, scale, zero, grid, transposed)
+            method = "gptq" if layer.id in hessians and opts.method == "gptq" else "rtn"
+            summary[layer.id] = (
+                f"{'MatMulNBits' if use_nbits else 'codebook'} {_label(opts)} "
+                f"g{opts.group_size} {method}"
+            )
+            modified = True
+        self.note("quantized", summary)
+        return PassResult(model, modified)
+
+    def _hessians(
+        self, model: ir.Model, plans: list[tuple[Layer, QuantizeWeightsOptions, np.ndarray, bool]]
+    ) -> dict[str, np.ndarray]:
+        wanted: dict[str, tuple[Layer, int]] = {}
+        for layer, opts, _, _ in plans:
+            if opts.method != "gptq":
+                continue
+            x = layer.node.inputs[0]
+            if layer.op_type == "Conv":
+                self.skip(layer.node, "gptq needs 2-D inputs (Conv would need im2col); used rtn")
+            elif x is None or layer.node.graph is not model.graph or x.type is None:
+                self.skip(
+                    layer.node, "gptq: layer input not in the main graph or untyped; used rtn"
+                )
+            else:
+                trans_a = layer.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0)
+                wanted[layer.id] = (layer, int(bool(trans_a)))
+        if not wanted:
+            return {}
+        samples = max(opts.calib_samples for _, opts, _, _ in plans)
+        feeds = calibration_feeds(model, self.calib, max_samples=samples)
+        names = [layer.node.inputs[0].name for layer, _ in wanted.values()]
+        acts = collect_activations(model, feeds, names)
+        out = {}
+        for lid, (layer, trans_a) in wanted.items():
+            x = acts[layer.node.inputs[0].name]
+            out[lid] = hessian(x.T if trans_a else x)
+        self.note("gptq_samples", int(sum(len(next(iter(f.values()))) for f in feeds)))
+        return out
+
+
+def _grid(opts: QuantizeWeightsOptions) -> Grid:
+    if opts.bits == "ternary":
+        return Grid("ternary", 2)
+    if opts.bits == 1:
+        return Grid("binary", 2)
+    return Grid("int", int(opts.bits), opts.symmetric)
+
+
+def _label(opts: QuantizeWeightsOptions) -> str:
+    if opts.bits in ("ternary", 1):
+        return "ternary" if opts.bits == "ternary" else "binary"
+    return f"int{opts.bits} {'sym' if opts.symmetric else 'asym'}"
+
+
+def _matrix_view(layer: Layer) -> tuple[tuple[np.ndarray, bool] | None, str | None]:
+    """The weight as ``[N, K]`` (K = reduction dim) and whether that is its transpose."""
+    node, op = layer.node, layer.op_type
+    value = layer.weight_value
+    if value.const_value is None or not value.is_initializer():
+        return None, "weight is not a plain initializer (already quantized or packed?)"
+    if value.is_graph_input() or value.is_graph_output():
+        return None, "weight is a graph input or output"
+    if len(value.uses()) != 1:
+        return None, "weight is shared by several nodes"
+    if value.dtype != ir.DataType.FLOAT:
+        return None, f"weight dtype {value.dtype} (float32 only)"
+    w = value.const_value.numpy()
+    if op == "MatMul" and layer.weight_index == 1 and w.ndim == 2:
+        return (w.T.astype(np.float64), True), None
+    if op == "Gemm" and layer.weight_index == 1:
+        if node.attributes.get_int("transB", 0):
+            return (w.astype(np.float64), False), None
+        return (w.T.astype(np.float64), True), None
+    if op == "Conv":
+        return (w.reshape(w.shape[0], -1).astype(np.float64), False), None
+    if op in ("MatMul", "Gemm"):
+        return None, "constant A operand or weight of rank != 2"
+    return None, f"{op} weights are not supported"
+
+
+def _uses_matmulnbits(layer: Layer, opts: QuantizeWeightsOptions) -> bool:
+    x = layer.node.inputs[0]
+    bits = 2 if opts.bits in ("ternary", 1) else int(opts.bits)
+    return (
+        opts.format == "auto"
+        and layer.op_type == "MatMul"
+        and bits in MATMULNBITS_BITS
+        and x is not None
+        and x.dtype == ir.DataType.FLOAT
+    )
+
+
+def _packed_bytes(codes: np.ndarray, scale: np.ndarray, grid: Grid, nbits: bool) -> int:
+    """Stored bytes: codes, float32 scales, zero points (packed uint8 for MatMulNBits,
+    float32 offsets in the codebook form), and the decode subgraph."""
+    bits = grid.bits if nbits else grid.codebook_bits
+    zero_bytes = 0
+    if grid.needs_zero_points:
+        zero_bytes = scale.size * bits // 8 + 1 if nbits else scale.size * 4
+    overhead = 0 if nbits else DECODE_OVERHEAD_BYTES
+    return codes.size * bits // 8 + scale.size * 4 + zero_bytes + overhead
+
+
+def _to_matmulnbits(
+    model: ir.Model,
+    layer: Layer,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    grid: Grid,
+    group: int,
+) -> None:
+    node, graph = layer.node, layer.node.graph
+    assert graph is not None
+    old = layer.weight_value
+    k, n = layer.weight.shape
+    packed, scales, zero_points = matmulnbits_tensors(codes, scale, zero, grid)
+    base = old.name or f"{layer.id}_weight"
+    inputs = [node.inputs[0]]
+    for suffix, array in (("_q", packed), ("_scales", scales), ("_zero_points", zero_points)):
+        if array is None:
+            continue
+        name = unique_name(graph, f"{base}{suffix}{grid.bits}")
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
+        graph.register_initializer(value)
+        inputs.append(value)
+    y = node.outputs[0]
+    out = ir.Value(name=unique_name(graph, f"{y.name}_nbits"), type=y.type, shape=y.shape)
+    new = ir.node(
+        "MatMulNBits",
+        inputs,
+        attributes={"K": int(k), "N": int(n), "bits": grid.bits, "block_size": group},
+        domain=MS_DOMAIN,
+        name=node.name,
+        outputs=[out],
+    )
+    new.metadata_props[LAYER_ID_KEY] = layer.id
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [y], [out])
+    del graph.initializers[old.name]
+
+
+def _to_codebook(
+    layer: Layer,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    grid: Grid,
+    transposed: bool,
+) -> None:
+    node, graph = layer.node, layer.node.graph
+    assert graph is not None
+    old = layer.weight_value
+    levels = np.arange(1 << grid.bits, dtype=np.float64)
+    offset = None
+    if grid.scheme == "binary":
+        codes, levels = (codes == 3).astype(np.uint8), np.array([-1.0, 1.0])
+    elif grid.needs_zero_points:
+        offset = -zero * scale
+    else:
+        levels = levels - grid.default_zero
+    w = emit_codebook_decode(
+        graph,
+        node,
+        old.name or f"{layer.id}_weight",
+        codes,
+        grid.codebook_bits,
+        levels,
+        tuple(layer.weight.shape),
+        scale=scale,
+        offset=offset,
+        transpose=transposed,
+    )
+    node.replace_input_with(layer.weight_index, w)
+    del graph.initializers[old.name]

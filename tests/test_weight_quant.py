@@ -1,0 +1,382 @@
+"""quantize-weights: packed low-bit weights that run in stock onnxruntime.
+
+The reference for every numeric check is rebuilt here, independently of the pass: the packed
+bytes are read back from the saved file and unpacked with this file's own helpers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from graphsurgeon.passes.weight_quant import QuantizeWeights
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+import graphsurgeon as gs
+from graphsurgeon.layers import find_layers
+from graphsurgeon.packed import PackedWeight
+from graphsurgeon.pipeline import run_pipeline
+from graphsurgeon.targets import Targets
+
+RNG = np.random.default_rng(7)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Codes from bytes, ``8/bits`` per byte, lowest bits first (test's own implementation)."""
+    out = []
+    for j in range(8 // bits):
+        out.append((packed.astype(np.int64) >> (j * bits)) & ((1 << bits) - 1))
+    return np.stack(out, axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def init_map(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def matmul_model(k: int, n: int, *, layers: int = 1, seed: int = 0) -> ir.Model:
+    """x [batch, seq, k] -> MatMul(W0 [k, n]) -> Relu -> MatMul(W1 [n, n]) ..."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev, width = [], [], "x", k
+    for i in range(layers):
+        w = (rng.standard_normal((width, n)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev, width = f"r{i}", n
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, n])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.from_proto(proto)
+
+
+def run_quant(model: ir.Model, options: dict, **kw) -> tuple[ir.Model, object]:
+    result = run_pipeline(model, [{"name": "quantize-weights", "options": options, **kw}])
+    return result.model, result.records[0]
+
+
+def saved(model: ir.Model, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    gs.save(model, path)
+    return path
+
+
+# -- MatMulNBits ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bits", "symmetric"),
+    [
+        (4, True),
+        (4, False),
+        (8, True),
+        (8, False),
+        (2, True),
+        (2, False),
+        ("ternary", True),
+        (1, True),
+    ],
+)
+def test_matmulnbits_matches_numpy_reference(tmp_path: Path, bits, symmetric: bool) -> None:
+    k, n, group = 96, 40, 32  # K not a multiple of 64: exercises the padded last block
+    model = matmul_model(k, n)
+    w = model.graph.initializers["w0"].const_value.numpy().copy()
+    src = saved(model, tmp_path, "src.onnx")
+    model, record = run_quant(model, {"bits": bits, "symmetric": symmetric, "group_size": group})
+    assert record.modified
+    out = saved(model, tmp_path, "q.onnx")
+    proto = onnx.load(str(out))
+    (node,) = [nd for nd in proto.graph.node if nd.op_type == "MatMulNBits"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    nbits = 2 if bits in ("ternary", 1) else bits
+    assert node.domain == "com.microsoft"
+    assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (k, n, nbits, group)
+    inits = init_map(out)
+    blocks = -(-k // group)
+    packed = inits[node.input[1]]
+    assert packed.dtype == np.uint8 and packed.shape == (n, blocks, group * nbits // 8)
+    codes = unpack(packed, nbits).reshape(n, blocks, group)
+    scales = inits[node.input[2]].reshape(n, blocks)
+    has_zp = len(node.input) > 3 and node.input[3]
+    assert bool(has_zp) == (not symmetric and bits not in ("ternary", 1))
+    if has_zp:
+        zero = unpack(inits[node.input[3]].reshape(n, -1), nbits)[:, :blocks]
+    else:
+        zero = np.full((n, blocks), 1 << (nbits - 1))
+    if bits == "ternary":
+        assert set(np.unique(codes)) <= {1, 2, 3}
+    if bits == 1:
+        assert set(np.unique(codes)) <= {1, 3}
+    w_hat = ((codes - zero[..., None]) * scales[..., None]).reshape(n, -1)[:, :k].T
+    x = RNG.standard_normal((3, 5, k)).astype(np.float32)
+    got = session(out).run(None, {"x": x})[0]
+    want = np.maximum(x @ w_hat.astype(np.float32), 0)
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=1e-4)
+    rel = np.linalg.norm(w_hat - w) / np.linalg.norm(w)
+    bound = {8: 0.01, 4: 0.15, 2: 0.7, "ternary": 0.7, 1: 0.8}[bits]
+    assert rel < bound
+    # the file really shrinks: the float weight is gone, the packed one is smaller
+    float_bytes = w.nbytes
+    packed_bytes = sum(inits[name].nbytes for name in node.input[1:] if name)
+    assert "w0" not in inits
+    # graph overhead (node, attributes, names) is a few hundred bytes at most
+    assert os.path.getsize(out) <= os.path.getsize(src) - float_bytes + packed_bytes + 512
+    assert packed_bytes < float_bytes / (2.5 if bits == 8 else 5)
+
+
+def test_int4_packing_matches_onnxruntime_quantizer() -> None:
+    """Symmetric int4 codes and scales are byte-identical to ORT's own MLAS quantizer."""
+    k, n, group = 128, 48, 32
+    model = matmul_model(k, n)
+    w = model.graph.initializers["w0"].const_value.numpy().copy()
+    model, _ = run_quant(model, {"bits": 4, "group_size": group})
+    (node,) = [nd for nd in model.graph if nd.op_type == "MatMulNBits"]
+    packed = np.zeros((n, k // group, group // 2), np.uint8)
+    zp = np.zeros((n, (k // group + 1) // 2), np.uint8)
+    scales = np.zeros((n, k // group), np.float32)
+    quantize_matmul_4bits(packed, w, scales, zp, group, n, k, True)
+    np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), packed)
+    np.testing.assert_allclose(node.inputs[2].const_value.numpy(), scales.ravel(), rtol=1e-6)
+
+
+# -- codebook form: Gemm, Conv, MatMul under format=codebook ------------------------------------
+def gemm_conv_model(trans_b: int) -> ir.Model:
+    rng = np.random.default_rng(1)
+    conv_w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2
+    gemm_w = rng.standard_normal((64, 16 * 4 * 4)).astype(np.float32) * 0.05  # [N, K]
+    if not trans_b:
+        gemm_w = np.ascontiguousarray(gemm_w.T)
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], name="gemm", transB=trans_b),
+    ]
+    inits = [
+        numpy_helper.from_array(conv_w, "cw"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "cb"),
+        numpy_helper.from_array(gemm_w, "gw"),
+        numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "gb"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.from_proto(proto)
+
+
+def decode_codebook(inits: dict[str, np.ndarray], weight: str, shape, bits_cb: int, transposed):
+    """Rebuild a codebook-form weight from the saved initializers (test's own decode)."""
+    base = next(n for n in inits if n.startswith(f"{weight}_packed") and n.endswith(str(bits_cb)))
+    codes = unpack(inits[base], bits_cb).ravel()
+    codebook = inits[f"{base}_codebook"]
+    scales = inits[f"{base}_scales"]  # [R, G, 1]
+    rows, groups, _ = scales.shape
+    values = codebook[codes].reshape(rows, groups, -1) * scales
+    if f"{base}_offsets" in inits:
+        values = values + inits[f"{base}_offsets"]
+    per_row = int(np.prod(shape)) // rows
+    values = values.reshape(rows, -1)[:, :per_row]
+    return (values.T if transposed else values).reshape(shape)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "cb_bits"),
+    [(4, True, 4), (4, False, 4), (2, True, 2), ("ternary", True, 2), (1, True, 1), (8, True, 8)],
+)
+def test_codebook_form_matches_numpy_reference(tmp_path, trans_b, bits, symmetric, cb_bits) -> None:
+    model = gemm_conv_model(trans_b)
+    ws = {n: model.graph.initializers[n].const_value.numpy().copy() for n in ("cw", "gw")}
+    src = saved(model, tmp_path, "src.onnx")
+    model, record = run_quant(model, {"bits": bits, "symmetric": symmetric, "group_size": 32})
+    assert record.modified and not record.notes.get("skipped")
+    out = saved(model, tmp_path, "q.onnx")
+    inits = init_map(out)
+    assert "cw" not in inits and "gw" not in inits
+    conv_w = decode_codebook(inits, "cw", ws["cw"].shape, cb_bits, False)
+    gemm_w = decode_codebook(inits, "gw", ws["gw"].shape, cb_bits, not trans_b)
+    if bits == 1:
+        assert all(len(np.unique(np.abs(r))) == 1 for r in conv_w.reshape(16, -1)[:, :32])
+    for w, w_hat in ((ws["cw"], conv_w), (ws["gw"], gemm_w)):
+        rel = np.linalg.norm(w_hat - w) / np.linalg.norm(w)
+        assert rel < {4: 0.15, 8: 0.01, 2: 0.7, "ternary": 0.7, 1: 0.8}[bits]
+    # numpy reference of the whole net with the decoded weights, via an fp32 ORT run of the
+    # original graph whose weights are swapped for the decoded ones
+    ref = onnx.load(str(src))
+    for t in ref.graph.initializer:
+        if t.name == "cw":
+            t.CopyFrom(numpy_helper.from_array(conv_w.astype(np.float32), "cw"))
+        if t.name == "gw":
+            t.CopyFrom(numpy_helper.from_array(gemm_w.astype(np.float32), "gw"))
+    x = RNG.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    want = ort.InferenceSession(ref.SerializeToString()).run(None, {"x": x})[0]
+    got = session(out).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=1e-4)
+    assert os.path.getsize(out) < os.path.getsize(src) * {8: 0.4, 4: 0.3}.get(bits, 0.25)
+    # the layer finder sees both layers with their logical shape and packed bytes
+    layers = {layer.op_type: layer for layer in find_layers(gs.load(out))}
+    assert isinstance(layers["Conv"].weight, PackedWeight)
+    assert list(layers["Conv"].weight.shape) == list(ws["cw"].shape)
+    np.testing.assert_allclose(layers["Gemm"].weight.numpy(), gemm_w, rtol=1e-6, atol=1e-7)
+    assert layers["Gemm"].weight.nbytes < ws["gw"].nbytes / (3 if bits == 8 else 5)
+    after = record.after.layers
+    assert all(after[lid].bytes < record.before.layers[lid].bytes for lid in after)
+    assert after[layers["Conv"].id].macs == record.before.layers[layers["Conv"].id].macs
+
+
+def test_matmul_codebook_format_uses_default_domain_only(tmp_path: Path) -> None:
+    model = matmul_model(64, 32)
+    model, record = run_quant(model, {"bits": 4, "format": "codebook"})
+    assert record.modified
+    assert {node.domain for node in model.graph} == {""}
+    assert "com.microsoft" not in model.opset_imports
+    x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    w_hat = find_layers(model)[0].weight.numpy()
+    got = session(saved(model, tmp_path, "q.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(x @ w_hat, 0), atol=1e-4, rtol=1e-4)
+
+
+# -- options, overrides, refusals, exact `modified` ---------------------------------------------
+def test_per_layer_overrides_give_mixed_precision() -> None:
+    model = matmul_model(64, 64, layers=3)
+    layer_ids = [layer.id for layer in find_layers(model)]
+    overrides = {layer_ids[0]: {"bits": 8}, layer_ids[1]: {"bits": 2, "group_size": 64}}
+    model, record = run_quant(model, {"bits": 4, "overrides": overrides})
+    got = {layer.id: layer.node for layer in find_layers(model)}
+    assert [got[i].attributes.get_int("bits") for i in layer_ids] == [8, 2, 4]
+    assert [got[i].attributes.get_int("block_size") for i in layer_ids] == [32, 64, 32]
+    bytes_after = [record.after.layers[i].bytes for i in layer_ids]
+    assert bytes_after[1] < bytes_after[2] < bytes_after[0] < 64 * 64 * 4
+
+
+def test_targets_and_exact_modified(tmp_path: Path) -> None:
+    model = matmul_model(64, 32, layers=2)
+    find_layers(model)  # layer ids, as the pipeline assigns them before any pass
+    before = saved(model, tmp_path, "a.onnx").read_bytes()
+    result = QuantizeWeights({"bits": 4}, Targets(names=["nothing"]))(model)
+    assert not result.modified
+    assert saved(model, tmp_path, "b.onnx").read_bytes() == before
+    model, record = run_quant(model, {"bits": 4}, targets={"names": ["mm1"]})
+    assert record.modified
+    assert [n.op_type for n in model.graph if n.op_type.startswith("MatMul")] == [
+        "MatMul",
+        "MatMulNBits",
+    ]
+
+
+def test_refusals_are_recorded() -> None:
+    model = matmul_model(64, 32)
+    graph = model.graph
+    x2 = graph.node("mm0").inputs[0]
+    # a second reader of w0 makes it shared
+    extra = ir.node("MatMul", [x2, graph.initializers["w0"]], name="mm_shared")
+    graph.insert_after(graph.node("mm0"), extra)
+    graph.outputs.append(extra.outputs[0])
+    extra.outputs[0].name, extra.outputs[0].dtype = "y2", ir.DataType.FLOAT
+    _, record = run_quant(model, {"bits": 4})
+    assert not record.modified
+    assert record.notes["skipped"] == {"weight is shared by several nodes": 2}
+    tiny = matmul_model(4, 4)  # 64 bytes of weight: scales alone would outweigh it
+    _, record = run_quant(tiny, {"bits": 4})
+    assert not record.modified
+    assert "the packed form would not be smaller than the weight" in record.notes["skipped"]
+
+
+def test_gptq_reduces_output_error_on_correlated_inputs() -> None:
+    from graphsurgeon.passes._gptq import gptq_quantize, hessian
+    from graphsurgeon.passes._lowbit import Grid, dequantize, quantize_rtn
+
+    rng = np.random.default_rng(3)
+    k, n = 128, 64
+    # activations live near a low-dimensional subspace, as real ones do
+    x = rng.standard_normal((2048, 16)) @ rng.standard_normal((16, k))
+    x += 0.05 * rng.standard_normal((2048, k))
+    v = rng.standard_normal((n, k))
+    grid = Grid("int", 4, True)
+    # with uncorrelated inputs (H = I) there is nothing to compensate: GPTQ == round to nearest
+    np.testing.assert_array_equal(
+        gptq_quantize(v, np.eye(k), grid, 32)[0], quantize_rtn(v, grid, 32)[0]
+    )
+    errors = {}
+    for name, (codes, scale, zero) in {
+        "rtn": quantize_rtn(v, grid, 32),
+        "gptq": gptq_quantize(v, hessian(x), grid, 32),
+    }.items():
+        assert codes.max() <= 15
+        v_hat = dequantize(codes, scale, zero).reshape(n, -1)[:, :k]
+        errors[name] = np.linalg.norm(x @ (v - v_hat).T) / np.linalg.norm(x @ v.T)
+    assert errors["gptq"] < 0.5 * errors["rtn"]
+
+
+# -- real models ----------------------------------------------------------------------------------
+def accuracy(path: Path, data: Path) -> float:
+    d = np.load(data)
+    logits = session(path).run(None, {"input": d["input"]})[0]
+    return float(np.mean(np.argmax(logits, -1) == d["labels"]))
+
+
+def test_digits_int4_g32_keeps_accuracy(digits, tmp_path: Path) -> None:
+    result = run_pipeline(
+        gs.load(digits["model"]),
+        [{"name": "quantize-weights", "options": {"bits": 4, "group_size": 32}}],
+        calib=digits["test"],
+        verify="numeric",
+    )
+    out = saved(result.model, tmp_path, "q.onnx")
+    base, quant = accuracy(digits["model"], digits["test"]), accuracy(out, digits["test"])
+    assert quant >= base - 0.03, (base, quant)
+    assert os.path.getsize(out) < os.path.getsize(digits["model"]) / 3
+    record = result.records[0]
+    assert len(record.after.layers) == len(record.before.layers) == 5
+    assert record.after.bytes < record.before.bytes / 4
+    # the first conv (144 weights, 576 bytes) is too small for codes + scales + decode to pay
+    assert record.notes["skipped"] == {"the packed form would not be smaller than the weight": 1}
+    changed = record.layer_changes()
+    assert len(changed) == 4
+    assert all(b[1] < b[0] for b in (c["bytes"] for c in changed.values()))
+
+
+def test_minilm_int4_matmul_weights_shrink_6x(minilm, tmp_path: Path) -> None:
+    model = gs.load(minilm["model"])
+    float_bytes = sum(
+        layer.weight.nbytes for layer in find_layers(model) if layer.op_type == "MatMul"
+    )
+    result = run_pipeline(
+        model,
+        [{"name": "quantize-weights", "options": {"bits": 4, "group_size": 32}}],
+        calib=minilm["sentences"],
+        verify="numeric",
+    )
+    out = saved(result.model, tmp_path, "q.onnx")
+    saved_bytes = os.path.getsize(minilm["model"]) - os.path.getsize(out)
+    packed_bytes = float_bytes - saved_bytes  # what the MatMul weights now take in the file
+    ratio = float_bytes / packed_bytes
+    print(f"MiniLM int4 g32 MatMul weights: {float_bytes} -> {packed_bytes} bytes, {ratio:.2f}x")
+    assert ratio >= 6.0
+    nbits = [layer for layer in find_layers(result.model) if layer.op_type == "MatMulNBits"]
+    assert len(nbits) == 36
+    cosine = result.drift_vs_original["sentence_embedding"]["cosine"]
+    print(f"MiniLM int4 g32 rtn sentence_embedding cosine {cosine:.4f}")
+    assert cosine > 0.95
+    assert result.records[0].notes["skipped"] == {"Gather weights are not supported": 3}
