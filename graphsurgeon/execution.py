@@ -21,17 +21,24 @@ _RUN_OPTIONS.log_severity_level = 4
 
 
 def make_session(
-    model: ir.Model, *, optimize: bool = False, threads: int | None = None
+    model: ir.Model,
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    options: ort.SessionOptions | None = None,
+    providers: list[str] | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session for ``model``. Graph optimizations are off by default so that what runs
-    is our graph, not ORT's rewrite of it."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
+    """A session for ``model`` (CPU unless ``providers`` says otherwise). Graph optimizations
+    are off by default so that what runs is our graph, not ORT's rewrite of it; pass
+    ``options`` to control everything yourself."""
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+    providers = providers or ["CPUExecutionProvider"]
     if has_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         tmp = Path(tempfile.mkdtemp(prefix="gs-ort-"))
         try:

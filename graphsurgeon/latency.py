@@ -6,6 +6,7 @@ always measured the same way (same threads, same session options, same feeds).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -24,6 +25,8 @@ class LatencyStats:
     cv: float  # coefficient of variation: stdev / mean over the timed runs
     runs: int
     threads: int
+    min_s: float = math.nan
+    max_s: float = math.nan
 
 
 def session_for(
@@ -49,14 +52,19 @@ def measure_latency(
     repeats: int = 30,
     optimize: bool = True,
 ) -> LatencyStats:
-    """Time ``repeats`` runs (cycling through ``feeds``) after ``warmup`` untimed ones."""
+    """Time ``repeats`` runs (cycling through ``feeds``) after ``warmup`` untimed ones.
+
+    Given a session, its own intra-op thread count is reported (``threads`` is ignored).
+    """
     if not feeds:
         raise ValueError("measure_latency needs at least one feed")
-    session = (
-        model
-        if isinstance(model, ort.InferenceSession)
-        else session_for(model, threads=threads, optimize=optimize)
-    )
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    if isinstance(model, ort.InferenceSession):
+        session = model
+        threads = session.get_session_options().intra_op_num_threads
+    else:
+        session = session_for(model, threads=threads, optimize=optimize)
     wanted = {i.name for i in session.get_inputs()}
     prepared = [{k: v for k, v in f.items() if k in wanted} for f in feeds]
     for i in range(warmup):
@@ -75,4 +83,6 @@ def measure_latency(
         cv=(statistics.pstdev(times) / mean) if mean > 0 else 0.0,
         runs=len(times),
         threads=threads,
+        min_s=times[0],
+        max_s=times[-1],
     )

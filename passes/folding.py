@@ -61,7 +61,7 @@ class FoldConstants(GSPass):
         def should_fold(node: ir.Node) -> bool | None:
             return None if targets.selects(node) else False
 
-        dead = _DeadBefore(model)
+        dead = DeadBefore(model)
         result = _OpsetAwareFolder(
             shape_inference=True,
             input_size_limit=self.options.input_size_limit,
@@ -76,7 +76,7 @@ class FoldConstants(GSPass):
         return PassResult(model, modified)
 
 
-class _DeadBefore:
+class DeadBefore:
     """What nothing read before a rewrite, so that afterwards only what the rewrite made dead
     is removed. onnx_ir's RemoveUnusedNodesPass would also remove dead code the pass never
     touched (unselected nodes, under targets) and trim live nodes (unused optional outputs,
@@ -248,7 +248,7 @@ class FoldBatchNorm(GSPass):
             ):
                 self.skip(node, "BatchNormalization in training mode")
         rules = [cls.rule(self.selects, self.skip) for cls in _BN_RULES]
-        dead = _DeadBefore(model)
+        dead = DeadBefore(model)
         result = RewritePass(rules)(model)
         if result.modified:
             dead.sweep(model)
@@ -339,7 +339,7 @@ class FuseMatMulAdd(GSPass):
         ):
             ShapeInferencePass()(model)  # the legality check needs the shapes of A, B and C
         rules = [cls.rule(self.selects, self.skip) for cls in _GEMM_RULES]
-        dead = _DeadBefore(model)
+        dead = DeadBefore(model)
         result = RewritePass(rules)(model)
         if result.modified:
             dead.sweep(model)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from graphsurgeon.passes.folding import _DeadBefore
+from graphsurgeon.passes.folding import DeadBefore
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.graph_view import SOURCE, GraphView
@@ -349,7 +349,7 @@ class RemoveLayers(GSPass):
         options: RemoveLayersOptions = self.options  # type: ignore[assignment]
         units = find_units(model, lambda lid: self.options_for(lid).identity_tol)
         chosen = self._explicit(model, units, options) + self._counted(model, units, options)
-        dead = _DeadBefore(model)
+        dead = DeadBefore(model)
         replaced: dict[ir.Value, ir.Value] = {}
         gone: set[ir.Node] = set()
         removed_ids = []

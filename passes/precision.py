@@ -12,7 +12,7 @@ initializers at load time. Rounding a weight to fp16 changes it by at most 2^-11
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import ml_dtypes
 import numpy as np
@@ -59,6 +59,7 @@ class CastPrecision(GSPass):
     name = "cast-precision"
     kind = "lossy"
     Options = CastPrecisionOptions
+    strength_option: ClassVar[str | None] = None  # sensitivity: one trial per layer
 
     def call(self, model: ir.Model) -> PassResult:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))

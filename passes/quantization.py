@@ -16,7 +16,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -197,6 +197,7 @@ class _Planned:
 
 class _OrtQuantizePass(GSPass):
     kind = "lossy"
+    strength_option: ClassVar[str | None] = None  # sensitivity: one int8 trial per layer
 
     def _plan(self, model: ir.Model) -> list[_Planned]:
         """The layers to quantize, each with its options; every refusal is recorded."""

@@ -11,7 +11,7 @@ follow the weight distribution: dense near zero, sparse in the tails.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import onnx_ir as ir
 from graphsurgeon.passes._kmeans import kmeans_1d
@@ -45,6 +45,8 @@ class ShareWeights(GSPass):
     shared, graph inputs, layers whose packed form would not be smaller (tiny weights), a
     default opset below 13.
     """
+
+    strength_option: ClassVar[str] = "bits"  # sensitivity: a smaller codebook compresses more
 
     name = "share-weights"
     kind = "lossy"

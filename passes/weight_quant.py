@@ -7,7 +7,7 @@ asymmetric, one zero point). Activations stay float; only the stored weights shr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -96,6 +96,8 @@ class QuantizeWeights(GSPass):
     graph input; a constant A operand; ConvTranspose, recurrent and embedding layers; weights
     whose packed form would not be smaller; a default opset below 13 for the decode subgraph.
     """
+
+    strength_option: ClassVar[str] = "bits"  # sensitivity: fewer bits compress more
 
     name = "quantize-weights"
     kind = "lossy"
