@@ -80,6 +80,8 @@ def _weight_tensor(node: ir.Node, index: int) -> ir.TensorProtocol | None:
 def _weight_index(node: ir.Node) -> int | None:
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         return 1 if matmulnbits_weight(node) is not None else None
+    if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
+        return 1 if constant_of(node.inputs[1]) is not None else None  # static int8 MatMul
     if DECODED_WEIGHT_KEY in node.metadata_props:
         return None  # a step that decodes a packed weight (its codebook Gather is no embedding)
     if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OP_TYPES:

@@ -75,7 +75,12 @@ def layer_macs(layer: Layer) -> int | None:
             trans_a = node.attributes.get_int("transA", 0)
             k = w[0] if trans_a else w[1]
         return n * k
-    if op in ("MatMul", "MatMulNBits", "MatMulInteger"):  # MatMulNBits: weight [K, N] (packed)
+    if op in (
+        "MatMul",
+        "MatMulNBits",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+    ):  # MatMulNBits: weight [K, N] (packed)
         n = _numel(out)
         if n is None:
             return None

@@ -47,7 +47,9 @@ from ._bias_correction import (
     find_bias,
     layer_shift,
 )
+from ._int8_fusion import fuse_matmul_integer_to_float
 from ._int8_ranges import METHODS, ActivationRanges, quiet_ort_tools
+from .folding import DeadBefore
 
 _QUANT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 _INT_DTYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
@@ -114,6 +116,13 @@ class QuantizeInt8Options(LayerPassOptions):
         "ConvTranspose (int8 conv chains through Relu/pooling); always also Gemm/MatMul, whose "
         "outputs in transformers carry outliers a static range clips.",
         Choice(["auto", "always", "never"]),
+    )
+    integer_matmul: bool = option(
+        True,
+        "Write MatMuls with float outputs as onnxruntime's MatMulIntegerToFloat "
+        "(com.microsoft) instead of leaving the fusion to the session: with static shapes "
+        "onnxruntime's MatMul+Add->Gemm fusion would otherwise run first and leave float math.",
+        Choice([True, False]),
     )
     glue_op_types: list[str] = option(
         ["Relu", "Clip", "MaxPool", "AveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze"],
@@ -297,6 +306,9 @@ def _quantized_model(model: ir.Model, quantized: ir.Model) -> None:
 
 
 # -- passes -----------------------------------------------------------------------------------
+_FLOAT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 @register
 class QuantizeInt8(_OrtQuantizePass):
     """Static int8 quantization in QDQ form: weights per channel, activations per tensor.
@@ -308,8 +320,9 @@ class QuantizeInt8(_OrtQuantizePass):
     method on calibration data; biases become int32 with ``scale = s_x * s_w``. onnxruntime
     fuses the pattern into integer kernels (QLinearConv, MatMulIntegerToFloat, ...). Conv
     outputs are quantized too, so conv chains stay int8 through Relu, pooling and reshapes
-    (``glue_op_types``); Gemm/MatMul outputs stay float (``quantize_outputs``): static
-    ranges on transformer layer outputs cost accuracy for no speed on CPU.
+    (``glue_op_types``); Gemm/MatMul outputs stay float where onnxruntime can fuse them
+    that way (``quantize_outputs``, see ``_quantized_output_ops``): static ranges on
+    transformer layer outputs cost accuracy.
 
     Per layer (``overrides``): ``enabled`` (false: kept in float, no QDQ), ``calibration``,
     ``percentile``, ``symmetric``, ``bias_correction``. A tensor read by several layers with
@@ -340,11 +353,7 @@ class QuantizeInt8(_OrtQuantizePass):
             cache = tmp / "ranges.json"
             save_tensors_data(TensorsData(CalibrationMethod.MinMax, table), cache)
             extra: dict[str, Any] = {"MatMulConstBOnly": True, "TensorQuantOverrides": overrides}
-            float_outputs = {
-                "never": {"Conv", "ConvTranspose", "Gemm", "MatMul"},
-                "auto": {"Gemm", "MatMul"},
-                "always": set(),
-            }[options.quantize_outputs]  # Gather is never among them: int8 lookups need a Q
+            float_outputs = _FLOAT_OUTPUT_OPS - self._quantized_output_ops(planned)
             extra["OpTypesToExcludeOutputQuantization"] = sorted(float_outputs)
             try:
                 quantize_static(
@@ -369,6 +378,10 @@ class QuantizeInt8(_OrtQuantizePass):
             if quantized is None:
                 return PassResult(model, False)
             self._correct_biases(model, quantized, planned, feeds)
+            if options.integer_matmul:
+                dead = DeadBefore(quantized)
+                self.note("matmul_integer_to_float", fuse_matmul_integer_to_float(quantized))
+                dead.sweep(quantized)  # the weights' DequantizeLinear nodes it made dead
         _quantized_model(model, quantized)
         self.note("calibration", dict(Counter(p.options.calibration for p in planned)))
         return PassResult(model, True)
@@ -423,6 +436,15 @@ class QuantizeInt8(_OrtQuantizePass):
             node_proto.input.append("")
         node_proto.input.append(bias_name)
 
+    def _quantized_output_ops(self, planned: list[_Planned]) -> set[str]:
+        """Op types whose outputs get a QDQ as well as their inputs: ``auto`` quantizes
+        Conv/ConvTranspose outputs (int8 conv chains) and keeps Gemm/MatMul outputs float
+        (transformer layer outputs carry outliers that a static range clips)."""
+        mode = self.options.quantize_outputs
+        if mode == "never":
+            return set()
+        return set(_FLOAT_OUTPUT_OPS) if mode == "always" else {"Conv", "ConvTranspose"}
+
     def _activation_ranges(
         self, planned: list[_Planned], ranges: ActivationRanges
     ) -> tuple[dict[str, TensorData], dict[str, list[dict[str, Any]]]]:
@@ -436,9 +458,7 @@ class QuantizeInt8(_OrtQuantizePass):
         for item in planned:
             opts, node = item.options, item.layer.node
             values = [v for i, v in enumerate(node.inputs) if i != item.layer.weight_index][:1]
-            quantize_output = o.quantize_outputs == "always" or (
-                o.quantize_outputs == "auto" and node.op_type in ("Conv", "ConvTranspose")
-            )
+            quantize_output = node.op_type in self._quantized_output_ops(planned)
             if quantize_output or node.op_type == "Gather":
                 values += list(node.outputs[:1])
             mine = ranges.get(opts.calibration, opts.percentile, opts.symmetric)

@@ -96,7 +96,13 @@ def const(value: ir.Value | None) -> np.ndarray | None:
 
 
 def qdq_of(layer_node: ir.Node, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(integer data or None, scale, zero point) of the DequantizeLinear feeding an input."""
+    """(integer data or None, scale, zero point) of the DequantizeLinear feeding an input, or
+    of input A/B of a MatMulIntegerToFloat (which takes them directly)."""
+    if layer_node.op_type == "MatMulIntegerToFloat":
+        data, scale, zero = (layer_node.inputs[i] for i in (index, 2 + index, 4 + index))
+        q = data.producer() if data is not None else None
+        integers = const(data) if q is None else None  # A comes from a QuantizeLinear
+        return integers, const(scale), const(zero)
     dq = layer_node.inputs[index].producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
@@ -139,6 +145,8 @@ def test_single_layer_error_within_scale_bound(op: str) -> None:
     result, pass_ = quantize(model, dataset(x=x))
     assert result.modified and pass_.notes["quantized_layers"] == 1
     node = layer_node(model)
+    # a float-output MatMul is written as ORT's integer kernel, whatever the session's shapes
+    assert (node.op_type == "MatMulIntegerToFloat") == (op == "MatMul")
     weight_q, s_w, zp_w = qdq_of(node, 1)
     _, s_x, zp_x = qdq_of(node, 0)
     assert weight_q.dtype == np.int8 and np.all(zp_w == 0)  # symmetric int8 weights
