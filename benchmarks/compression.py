@@ -6,7 +6,7 @@ and written with ``graphsurgeon.save``) it measures:
 
 - file size (the saved file, stat'ed) and parameter count (``graphsurgeon.stats.model_stats``);
 - MatMul/Gemm weight bytes: every constant feeding a MatMul-family node (MatMul, Gemm,
-  MatMulNBits, MatMulInteger, DynamicQuantizeMatMul, QLinearMatMul), through any constant
+  MatMulNBits, MatMulInteger, DynamicQuantizeMatMul, QLinearMatMul, MatMulIntegerToFloat), through any constant
   subgraph in front of it (DequantizeLinear with its scales and zero points, Cast, a codebook
   Gather...), biases and activation quantization parameters excluded;
 - latency in onnxruntime (``graphsurgeon.latency``: 2 threads, graph optimizations on, median
@@ -290,6 +290,7 @@ _MATMUL_OPS = {
     "MatMulInteger",
     "DynamicQuantizeMatMul",
     "QLinearMatMul",
+    "MatMulIntegerToFloat",
     "FusedMatMul",
 }
 # inputs that are not weights: biases, and the activation's quantization parameters
@@ -299,6 +300,7 @@ _NOT_WEIGHT = {
     "MatMulInteger": {2},
     "DynamicQuantizeMatMul": {4},
     "QLinearMatMul": {1, 2, 6, 7},
+    "MatMulIntegerToFloat": {2, 4, 6},  # a_scale, a_zero_point, bias
 }
 
 

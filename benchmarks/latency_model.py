@@ -1,8 +1,9 @@
 """How well does the latency model rank compression policies? Predicted against measured.
 
 For the digits CNN (batch 64) and MiniLM-L6 (1 x 128), it draws random per-layer policies:
-each layer independently keeps its weights, loses 25% or 50% of its output channels
-(``prune-channels``), or, for a MatMul, gets int4 weights (``quantize-weights``). The first
+a policy draws an intensity, then each layer is touched with that chance and loses 25% or
+50% of its output channels (``prune-channels``) or, for a MatMul, gets int4 weights
+(``quantize-weights``). The first
 ``--train`` policies fill the lookup table (``graphsurgeon profile calibrate`` does the same);
 the next ``--policies`` (>= 30) are predicted with that table, nodes it has never seen falling
 back to the roofline, and then measured in onnxruntime (2 threads, median of ``--repeats``
@@ -56,14 +57,20 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def random_policy(layer_ops: dict[str, str], rng: random.Random) -> list[dict]:
-    """One pipeline: per-layer channel ratios and int4 picks, as overrides and targets."""
+    """One pipeline: per-layer channel ratios and int4 picks, as overrides and targets.
+
+    Each policy first draws how much it compresses (the chance that a layer is touched at
+    all), so that policies range from nearly the original to heavily compressed, as search
+    explores them; each touched layer then draws its own method and strength.
+    """
     prune: dict[str, float] = {}
     int4: list[str] = []
+    intensity = rng.random()
     for lid, op in layer_ops.items():
+        if rng.random() > intensity:
+            continue
         choice = rng.choice(
-            ["keep", "prune25", "prune50", "int4"]
-            if op == "MatMul"
-            else ["keep", "prune25", "prune50"]
+            ["prune25", "prune50", "int4"] if op == "MatMul" else ["prune25", "prune50"]
         )
         if choice.startswith("prune"):
             prune[lid] = 0.25 if choice == "prune25" else 0.5
