@@ -95,7 +95,8 @@ class Timing(Instrument):
         record.time_s = time.perf_counter() - self._t0
 
 
-def _status_kib(field_name: str) -> int | None:
+def status_kib(field_name: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM), or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -104,6 +105,16 @@ def _status_kib(field_name: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark (Linux); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class PeakMemory(Instrument):
@@ -115,16 +126,11 @@ class PeakMemory(Instrument):
     """
 
     def before(self, step: str, pass_: GSPass, model: ir.Model) -> None:
-        self._rss0 = _status_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._ok = self._rss0 is not None
-        except OSError:
-            self._ok = False
+        self._rss0 = status_kib("VmRSS")
+        self._ok = reset_peak_rss() and self._rss0 is not None
 
     def after(self, step: str, pass_: GSPass, model: ir.Model, record: PassRecord) -> None:
-        hwm = _status_kib("VmHWM") if self._ok else None
+        hwm = status_kib("VmHWM") if self._ok else None
         if hwm is not None and self._rss0 is not None:
             record.peak_rss_delta_bytes = max(0, hwm - self._rss0) * 1024
 

@@ -24,6 +24,7 @@ from graphsurgeon.data import Feed, generate_inputs
 from graphsurgeon.energy import MIN_WINDOW_S, NvmlCounter, RaplCounter, estimate_energy
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.execution import make_session
+from graphsurgeon.instruments import reset_peak_rss, status_kib
 from graphsurgeon.layers import find_layers
 from graphsurgeon.profiles import HardwareProfile
 from graphsurgeon.shapes import ShapeInferencePass, apply_input_shapes
@@ -176,8 +177,8 @@ def measure_model(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 4
-    rss0 = _status_kib("VmRSS")
-    _reset_peak()
+    rss0 = status_kib("VmRSS")
+    reset_peak_rss()
     with pinned(threads):
         session = make_session(model, options=options, providers=[provider])
         wanted_inputs = {i.name for i in session.get_inputs()}
@@ -192,7 +193,7 @@ def measure_model(
         )
         median = statistics.median(times)
         energy_j, source = _measured_energy(session, prepared, backend, median)
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if energy_j is None:
         outputs = sum(int(np.prod(o.shape)) * 4 for o in _output_shapes(session, prepared[0]))
         energy_j = estimate_energy(
@@ -236,19 +237,3 @@ def _measured_energy(
 
 def _output_shapes(session: ort.InferenceSession, feed: Feed) -> list[np.ndarray]:
     return session.run(None, feed)
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> None:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
