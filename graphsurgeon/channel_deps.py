@@ -631,7 +631,8 @@ def _clip(b: _Builder, node: ir.Node, side: str, index: int, occ: Occurrence) ->
     _unary(b, node, side, index, occ)
 
 
-@_handles(
+# Elementwise ops with numpy broadcasting: channels line up across their inputs.
+_ELEMENTWISE = (
     "Add",
     "Sub",
     "Mul",
@@ -653,6 +654,9 @@ def _clip(b: _Builder, node: ir.Node, side: str, index: int, occ: Occurrence) ->
     "Xor",
     "Mod",
 )
+
+
+@_handles(*_ELEMENTWISE)
 def _elementwise(b: _Builder, node: ir.Node, side: str, index: int, occ: Occurrence) -> None:
     b.broadcast(node, side, index, occ, list(range(len(node.inputs))))
 
@@ -1337,27 +1341,4 @@ def _drop_dead_producers(graph: ir.Graph, value: ir.Value) -> None:
         stack.extend(inputs)
 
 
-_BROADCAST_EDITS = frozenset(
-    {
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Sum",
-        "Max",
-        "Min",
-        "Mean",
-        "Pow",
-        "PRelu",
-        "Where",
-        "Equal",
-        "Greater",
-        "Less",
-        "GreaterOrEqual",
-        "LessOrEqual",
-        "And",
-        "Or",
-        "Xor",
-        "Mod",
-    }
-)
+_BROADCAST_EDITS = frozenset(_ELEMENTWISE)
