@@ -87,7 +87,13 @@ class _PruneOptions(LayerPassOptions):
         "a few bytes) or 'bits' (packed bits, independent of later weight changes).",
     )
     calibration_samples: int = option(
-        64, "Calibration samples used for the activation criterion.", ge=1
+        64, "Calibration samples used for the activation criterion and bias correction.", ge=1
+    )
+    bias_correction: bool = option(
+        False,
+        "Add the pruned weights' mean contribution (W - W') E[x] to the layer's bias, so that "
+        "its outputs keep their mean on the calibration data (recovery without training).",
+        Choice([False, True]),
     )
 
 
@@ -170,14 +176,16 @@ class _PruningPass(GSPass):
         had_id = {n for n in _nodes(model) if LAYER_ID_KEY in n.metadata_props}
         layers = find_layers(model)
         plans = self._plans(layers)
-        wanted = [p for p in plans if p.options.criterion == "activation"]
-        norms = self._input_norms(model, wanted) if wanted else {}
+        wanted = [
+            p for p in plans if p.options.criterion == "activation" or p.options.bias_correction
+        ]
+        norms, means = self._input_stats(model, wanted) if wanted else ({}, {})
         modified = False
         achieved: dict[str, float] = {}
         pruned = mask_chars = 0
         for plan in plans:
             try:
-                result = self._prune(plan, norms)
+                result = self._prune(plan, norms, means)
             except _Refused as e:
                 for layer in plan.layers:
                     self.skip(layer.node, str(e))
@@ -253,8 +261,10 @@ class _PruningPass(GSPass):
         return plans
 
     # -- activation norms ----------------------------------------------------------------------
-    def _input_norms(self, model: ir.Model, plans: list[_Plan]) -> dict[str, np.ndarray]:
-        """Per-input-channel L2 norm of each needed activation, keyed by value name."""
+    def _input_stats(
+        self, model: ir.Model, plans: list[_Plan]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per-input-channel L2 norm and mean of each needed activation, keyed by value name."""
         axes: dict[str, int] = {}
         main = set(model.graph)
         for plan in plans:
@@ -268,7 +278,7 @@ class _PruningPass(GSPass):
                     continue
                 axes[x.name] = axis  # a value has one layout whatever reads it
         if not axes:
-            return {}
+            return {}, {}
         feeds = calibration_feeds(model, self.calib, max_samples=self.options.calibration_samples)
         inputs = {v.name for v in model.graph.inputs}
         inner = [n for n in axes if n not in inputs]
@@ -278,14 +288,19 @@ class _PruningPass(GSPass):
         arrays = collect_activations(model, feeds, inner)
         for name in axes.keys() & inputs:
             arrays[name] = np.concatenate([np.asarray(f[name]) for f in feeds], axis=0)
-        norms = {}
+        norms, means = {}, {}
         for name, axis in axes.items():
-            x = np.moveaxis(arrays[name].astype(np.float64), axis, -1)
-            norms[name] = np.sqrt(np.square(x).reshape(-1, x.shape[-1]).sum(axis=0))
-        return norms
+            x = np.moveaxis(arrays[name].astype(np.float64), axis, -1).reshape(
+                -1, arrays[name].shape[axis]
+            )
+            norms[name] = np.sqrt(np.square(x).sum(axis=0))
+            means[name] = x.mean(axis=0)
+        return norms, means
 
     # -- one weight ----------------------------------------------------------------------------
-    def _prune(self, plan: _Plan, norms: dict[str, np.ndarray]) -> tuple[bool, str, int, float]:
+    def _prune(
+        self, plan: _Plan, norms: dict[str, np.ndarray], means: dict[str, np.ndarray]
+    ) -> tuple[bool, str, int, float]:
         first, opts = plan.layers[0], plan.options
         old = first.weight.numpy()
         weight = np.asarray(old, dtype=np.float64)
@@ -316,6 +331,10 @@ class _PruningPass(GSPass):
         changed = new.tobytes() != np.ascontiguousarray(old).tobytes()
         if changed:
             _write_weight(plan.value, new)
+            if opts.bias_correction:
+                reason = _correct_bias(plan, weight - new.astype(np.float64), means)
+                if reason is not None:
+                    self.skip(first.node, f"bias correction: {reason}")
         for layer in plan.layers:
             if layer.node.metadata_props.get(MASK_KEY) != text:
                 layer.node.metadata_props[MASK_KEY] = text
@@ -565,6 +584,65 @@ def _broadcast_norm(
     view = [1] * rank
     view[reduction_axis] = norm.size
     return np.broadcast_to(norm.reshape(view), shape)
+
+
+# -- bias correction ------------------------------------------------------------------------
+def _correct_bias(plan: _Plan, delta: np.ndarray, means: dict[str, np.ndarray]) -> str | None:
+    """Add ``sum_j delta_ij E[x_j]`` to output channel i's bias; a reason if it cannot.
+
+    For a linear layer ``y = W x + b`` pruned to ``W'``, ``E[y] - E[y'] = (W - W') E[x]``:
+    adding it to ``b`` keeps every output's mean on the calibration data (for a Conv, with
+    per-channel input means and padding ignored).
+    """
+    if len(plan.layers) != 1:
+        return "weight shared by several layers"
+    layer = plan.layers[0]
+    if layer.op_type not in ("Conv", "Gemm", "MatMul") or layer.weight_index != 1:
+        return f"{layer.op_type} with its weight as input {layer.weight_index} is not corrected"
+    try:
+        mean = _broadcast_norm(layer, means, delta.shape)
+    except _Refused as e:
+        return str(e)
+    axes, _ = _reduction(layer, delta.shape)
+    shift = np.sum(delta * mean, axis=tuple(axes))  # one value per output channel
+    node = layer.node
+    if layer.op_type == "MatMul":
+        uses = list(node.outputs[0].uses())
+        add = uses[0].node if len(uses) == 1 else None
+        if add is None or add.op_type != "Add" or node.outputs[0].is_graph_output():
+            return "a MatMul without a following bias Add"
+        bias_value = add.inputs[1 - uses[0].idx]
+        scale = 1.0
+    else:
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        scale = node.attributes.get_float("beta", 1.0) if layer.op_type == "Gemm" else 1.0
+    bias = ir.convenience.get_const_tensor(bias_value) if bias_value is not None else None
+    if bias_value is None:
+        if layer.op_type == "Gemm" and scale == 0.0:
+            return "Gemm with beta=0"
+        bias_value = ir.Value(name=f"{plan.value.name}.bias_corrected")
+        node.resize_inputs(3)
+        node.replace_input_with(2, bias_value)
+        old = np.zeros(shift.shape, dtype=np.float32)
+    else:
+        if (
+            bias is None
+            or list(bias.shape) != list(shift.shape)
+            or len(list(bias_value.uses())) != 1
+        ):
+            return "the bias is not a constant of one value per output channel used only here"
+        if bias_value.is_graph_input():
+            return "the bias is a graph input"
+        old = bias.numpy()
+    new = (old.astype(np.float64) + shift / scale).astype(old.dtype)
+    tensor = ir.tensor(new, name=bias_value.name)
+    producer = bias_value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+    bias_value.const_value = tensor
+    if bias is None and producer is None:
+        layer.node.graph.register_initializer(bias_value)
+    return None
 
 
 # -- small helpers ----------------------------------------------------------------------------

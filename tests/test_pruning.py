@@ -588,3 +588,63 @@ def test_cli_yaml_pipeline_with_overrides(digits, tmp_path: Path) -> None:
     assert (fc1 == 0).sum() >= 0.8 * fc1.size
     assert np.array_equal(read_mask(model, "classifier/classifier.1/Gemm"), fc1 != 0)
     assert digits_accuracy(model, digits["test"]) > 0.7  # measured 0.78 (fc1 at 80%, then 4:8)
+
+
+# -- bias correction ---------------------------------------------------------------------------
+def _bias_case(kind: str):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    if kind == "Conv":  # no bias input: the correction must add one
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 4, 4])
+        inits.append(
+            numpy_helper.from_array(rng.standard_normal((5, 4, 3, 3)).astype(np.float32), "W")
+        )
+        nodes.append(helper.make_node("Conv", ["x", "W"], ["y"], name="layer"))
+        data = rng.standard_normal((64, 4, 6, 6)).astype(np.float32) + 2.0
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W"))
+        inits.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B"))
+        if kind == "Gemm":
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="layer"))
+        else:
+            nodes.append(helper.make_node("MatMul", ["x", "W"], ["h"], name="layer"))
+            nodes.append(helper.make_node("Add", ["h", "B"], ["y"], name="bias"))
+        data = rng.standard_normal((64, 8)).astype(np.float32) + 2.0
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto), data
+
+
+@pytest.mark.parametrize("kind", ["Gemm", "MatMul", "Conv"])
+def test_bias_correction_keeps_output_means(kind: str) -> None:
+    """E[y] - E[y'] = (W - W') E[x]: with the correction the mean output on the calibration
+    data is unchanged (exactly for Gemm/MatMul; for a Conv up to the border pixels, which the
+    per-channel input mean averages in); without it, it moves."""
+    import graphsurgeon as gs
+    from graphsurgeon.data import Dataset
+    from graphsurgeon.execution import make_session, run
+
+    shifts = {}
+    for correct in (False, True):
+        model, data = _bias_case(kind)
+        reference = run(make_session(model), {"x": data})["y"]
+        calib = Dataset({"x": data}, None, {"x": True})
+        step = {"name": "prune-magnitude", "options": {"sparsity": 0.5, "bias_correction": correct}}
+        result = gs.run_pipeline(model, [step], calib=calib, verify="structural")
+        got = run(make_session(result.model), {"x": data})["y"]
+        axes = (0, 2, 3) if kind == "Conv" else (0,)
+        shifts[correct] = np.abs((reference - got).mean(axis=axes)).max()
+        skipped = result.records[0].notes.get("skipped", {})
+        assert not any("bias correction" in k for k in skipped), skipped
+    assert shifts[False] > 1e-2
+    if kind == "Conv":
+        assert shifts[True] < 0.25 * shifts[False]
+    else:
+        assert shifts[True] < 1e-4
