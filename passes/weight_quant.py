@@ -83,7 +83,8 @@ class QuantizeWeights(GSPass):
     - MatMul with a constant 2-D ``[K, N]`` weight and float32 input -> ``MatMulNBits``
       (bits 2/4/8; binary and ternary as 2-bit codes {1, 3} / {1, 2, 3} with the kernel's
       default zero point 2): ORT runs it natively, packed weights stay packed in memory.
-    - Gemm (weight as B), Conv, and MatMul under ``format: codebook`` -> the weight input is
+    - Gemm (weight as B), Conv, embeddings (Gather tables, groups along each row), and MatMul
+      under ``format: codebook`` -> the weight input is
       rebuilt at run time from packed codes by a default-domain decode subgraph (``Cast``,
       integer ``Div``/``Mod`` unpacking, ``Gather`` of a 2^b codebook, ``Mul`` by group
       scales): binary uses 1 bit per weight there. ORT's constant folding (on by default in
@@ -93,7 +94,7 @@ class QuantizeWeights(GSPass):
       :mod:`graphsurgeon.passes._gptq`. Conv layers fall back to round-to-nearest.
 
     Refused, with a reason: a weight that is already packed, shared by several nodes or a
-    graph input; a constant A operand; ConvTranspose, recurrent and embedding layers; weights
+    graph input; a constant A operand; ConvTranspose and recurrent layers; weights
     whose packed form would not be smaller; a default opset below 13 for the decode subgraph.
     """
 
@@ -156,7 +157,9 @@ class QuantizeWeights(GSPass):
             if opts.method != "gptq":
                 continue
             x = layer.node.inputs[0]
-            if layer.op_type == "Conv":
+            if layer.op_type == "Gather":
+                self.skip(layer.node, "gptq: an embedding reads no activations; used rtn")
+            elif layer.op_type == "Conv":
                 self.skip(layer.node, "gptq needs 2-D inputs (Conv would need im2col); used rtn")
             elif x is None or layer.node.graph is not model.graph or x.type is None:
                 self.skip(
@@ -214,6 +217,13 @@ def _matrix_view(layer: Layer) -> tuple[tuple[np.ndarray, bool] | None, str | No
         return (w.T.astype(np.float64), True), None
     if op == "Conv":
         return (w.reshape(w.shape[0], -1).astype(np.float64), False), None
+    if (
+        op == "Gather"
+        and layer.weight_index == 0
+        and w.ndim == 2
+        and node.attributes.get_int("axis", 0) == 0
+    ):
+        return (w.astype(np.float64), False), None  # an embedding: groups run along each row
     if op in ("MatMul", "Gemm"):
         return None, "constant A operand or weight of rank != 2"
     return None, f"{op} weights are not supported"
