@@ -32,7 +32,7 @@ def collect_activations(
 ) -> dict[str, np.ndarray]:
     """The named values on every feed, concatenated along axis 0 (the batch axis).
 
-    The model is not changed: the extra outputs are added to a serialized copy. Values must be
+    The model is left as it was: the values are graph outputs only while the session is built. Values must be
     tensors in the main graph with a known dtype (run shape inference first).
     """
     names = list(dict.fromkeys(values))
@@ -42,18 +42,19 @@ def collect_activations(
     missing = [n for n in names if n not in lookup]
     if missing:
         raise GraphSurgeonError(f"no value named {missing[0]!r} in the main graph")
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name in existing:
-            continue
-        value = lookup[name]
-        if value.type is None:
-            raise GraphSurgeonError(f"value {name!r} has no known type; run shape inference first")
-        out = proto.graph.output.add()
-        out.name = name
-        out.type.CopyFrom(ir.serde.serialize_type(value.type))
-    session = execution.make_session(ir.serde.deserialize_model(proto))
+    extra = [lookup[n] for n in names if not lookup[n].is_graph_output()]
+    untyped = [v.name for v in extra if v.type is None]
+    if untyped:
+        raise GraphSurgeonError(
+            f"value {untyped[0]!r} has no known type; run shape inference first"
+        )
+    # Expose the values as graph outputs just while the session is built (it serializes once).
+    model.graph.outputs.extend(extra)
+    try:
+        session = execution.make_session(model)
+    finally:
+        for _ in extra:
+            model.graph.outputs.pop()
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
         outputs = execution.run(session, feed)

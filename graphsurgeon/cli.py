@@ -8,6 +8,7 @@ nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -201,7 +202,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             drift,
         )
 
-    with con.status("running passes...", spinner="dots") if sys.stderr.isatty() else _nullcontext():
+    with (
+        con.status("running passes...", spinner="dots")
+        if sys.stderr.isatty()
+        else contextlib.nullcontext()
+    ):
         try:
             result = run_pipeline(
                 model,
@@ -255,14 +260,6 @@ def _check_writable(path: Path, what: str) -> None:
         raise GraphSurgeonError(f"{what} path is a folder, not a file", where=path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise GraphSurgeonError(f"{what} folder is not writable", where=folder)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _parse_mapping(text: str | None, what: str) -> dict[str, Any]:

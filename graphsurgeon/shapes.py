@@ -55,7 +55,7 @@ def apply_input_shapes(
         if old is not None:
             if len(old) != len(dims):
                 raise GraphSurgeonError(
-                    f"--shape {name}: rank {len(dims)} but the input has rank {len(old)} ({_fmt(old)})",
+                    f"--shape {name}: rank {len(dims)} but the input has rank {len(old)} ({format_shape(old)})",
                     where=where,
                 )
             for i, (o, n) in enumerate(zip(old, dims, strict=False)):
@@ -71,10 +71,6 @@ def apply_input_shapes(
             value.shape = ir.Shape(dims)
             changed = True
     return changed
-
-
-def _fmt(shape: ir.Shape | None) -> str:
-    return format_shape(shape)
 
 
 def format_shape(shape: ir.Shape | None) -> str:

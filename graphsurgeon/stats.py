@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from graphsurgeon.layers import Layer, find_layers
+from graphsurgeon.layers import Layer, constant_of, find_layers
 from graphsurgeon.shapes import static_dims
 
 
@@ -100,8 +100,6 @@ def layer_macs(layer: Layer) -> int | None:
 
 
 def constant_shape(value: ir.Value | None) -> list[int] | None:
-    from graphsurgeon.layers import constant_of
-
     tensor = constant_of(value)
     return None if tensor is None else list(tensor.shape)
 
@@ -113,8 +111,6 @@ def layer_stats(layer: Layer) -> LayerStats:
     if bias is not None:
         params, nbytes = params + bias.size, nbytes + bias.nbytes
     if layer.op_type in ("LSTM", "GRU", "RNN") and len(layer.node.inputs) > 2:
-        from graphsurgeon.layers import constant_of
-
         recurrent = constant_of(layer.node.inputs[2])
         if recurrent is not None:
             params, nbytes = params + recurrent.size, nbytes + recurrent.nbytes
