@@ -408,6 +408,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_MODULES = ("graphsurgeon.cli_search", "graphsurgeon.cli_artifacts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphsurgeon import __version__
 
@@ -471,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     from graphsurgeon.cli_device import add_device_commands
 
     add_device_commands(sub, _add_shape)
+    # Each command family lives in its own module with an ``add_commands(sub, add_shape)``.
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, _add_shape)
     return parser
 
 

@@ -1,0 +1,10 @@
+"""`compile`, `verify` and `optimize`: deployable bundles."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None:  # type: ignore[type-arg]
+    """Register this module's subcommands."""
