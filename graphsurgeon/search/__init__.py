@@ -1,0 +1,6 @@
+"""Compression search: per-layer policies, strategies, evaluation, the policy database."""
+
+from graphsurgeon.search.policy import Decision, Policy
+from graphsurgeon.search.space import METHODS, Method, SearchSpace, Slot
+
+__all__ = ["METHODS", "Decision", "Method", "Policy", "SearchSpace", "Slot"]
