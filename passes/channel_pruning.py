@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -106,6 +106,8 @@ class PruneChannels(GSPass):
     name = "prune-channels"
     kind = "lossy"
     Options = PruneChannelsOptions
+    #: Subclasses that read consumer-input activations whatever the options (merge-channels).
+    needs_activations: ClassVar[bool] = False
 
     def call(self, model: ir.Model) -> PassResult:
         ShapeInferencePass()(model)
@@ -151,6 +153,7 @@ class PruneChannels(GSPass):
         if not removal:
             return PassResult(model, False)
         saved = self._consumer_weights(eligible, chosen)
+        self._before_removal(eligible, chosen, activations)
         remove_channels(model, removal)
         if self.options.reconstruct:
             self._reconstruct(saved, removal, activations)
@@ -175,7 +178,8 @@ class PruneChannels(GSPass):
     # -- importance ---------------------------------------------------------------------
     def _activations(self, model: ir.Model, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
         wanted = (
-            self.options.reconstruct
+            self.needs_activations
+            or self.options.reconstruct
             or self.options.importance == "activation"
             or any(o.importance == "activation" for o in self._layer_options.values())
         )
@@ -253,6 +257,15 @@ class PruneChannels(GSPass):
         return keeps
 
     # -- reconstruction -----------------------------------------------------------------
+    def _before_removal(
+        self,
+        groups: list[ChannelGroup],
+        chosen: list[np.ndarray],
+        activations: dict[str, np.ndarray],
+    ) -> None:
+        """Hook run on the full-size model just before the chosen units are removed (the
+        units of ``groups[i]`` are ``chosen[i]``): merge-channels folds them into survivors."""
+
     def _consumer_weights(
         self, groups: list[ChannelGroup], chosen: list[np.ndarray]
     ) -> list[tuple[ir.Node, ir.Value, int, np.ndarray, bool]]:
