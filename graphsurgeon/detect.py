@@ -14,6 +14,7 @@ recomputed from the *measured* peaks; the profile's ``sources`` say so.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -215,7 +216,8 @@ def detect_profile(*, quick: bool = False) -> HardwareProfile:
             },
             "pj_per_dram_byte": base.power.pj_per_dram_byte,
         },
-        "backends": ["ort-cpu"],
+        # the backends this machine has installed (a GPU gets its own profile)
+        "backends": ["ort-cpu", *(["tvm-llvm"] if importlib.util.find_spec("tvm") else [])],
         "measurement": {
             "threads": cores,
             "warmup": 5,
