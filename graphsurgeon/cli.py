@@ -229,6 +229,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"nodes {b.nodes} -> {a.nodes}, weights {_human(b.bytes, 'B')} -> {_human(a.bytes, 'B')}, "
             f"passes took {total_time:.2f} s; verify={args.verify}"
         )
+    from graphsurgeon.plasticity import summarize
+
+    conn = summarize(result.records)
+    if conn["created"] or conn["pruned"]:
+        ratio = "n/a" if conn["plasticity"] is None else f"{conn['plasticity']:.4g}"
+        con.print(
+            f"connections: {_human(conn['pruned'])} pruned, {_human(conn['created'])} created; "
+            f"plasticity {ratio}"
+        )
     if result.drift_vs_original:
         con.print(f"drift vs original: {json.dumps(result.drift_vs_original)}")
     con.print(f"wrote {', '.join(map(str, written))}")
@@ -239,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "pipeline": os.fspath(args.pipeline),
             "verify": args.verify,
             **result.to_dict(),
+            "plasticity": conn,
         }
         try:
             with atomic_write(args.report) as f:

@@ -2,7 +2,8 @@
 
 An instrument sees ``before(step, pass_, model)`` and ``after(step, pass_, model, record)``
 (befores in list order, afters in reverse, so the last instrument sits closest to the pass) and writes what it measured into the step's :class:`PassRecord`. Built-ins:
-wall time, peak memory, node/param/byte/FLOP statistics per layer, and an optional IR dump.
+wall time, peak memory, node/param/byte/FLOP statistics per layer, connections created and
+pruned (:mod:`graphsurgeon.plasticity`), and an optional IR dump.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class PassRecord:
     drift: dict[str, Any] | None = None
     verified: str | None = None  # "structural" or "numeric" once the checks passed
     notes: dict[str, Any] = field(default_factory=dict)
+    #: connections created/pruned by the pass and so far (graphsurgeon.plasticity)
+    plasticity: dict[str, Any] | None = None
 
     def layer_changes(self) -> dict[str, dict[str, Any]]:
         """Per-layer params/bytes/FLOPs before and after, for layers that changed or vanished."""
@@ -73,6 +76,7 @@ class PassRecord:
             "layers": self.layer_changes(),
             "drift": self.drift,
             "verified": self.verified,
+            "plasticity": self.plasticity,
             "notes": self.notes,
         }
 
@@ -173,4 +177,6 @@ class IRDump(Instrument):
 
 def default_instruments() -> list[Instrument]:
     """Outermost first: statistics are not timed, timing sees only the pass."""
-    return [Statistics(), PeakMemory(), Timing()]
+    from graphsurgeon.plasticity import Plasticity  # it builds on this module
+
+    return [Statistics(), Plasticity(), PeakMemory(), Timing()]
