@@ -165,6 +165,8 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            if e.filename and e.errno != errno.ENOSPC:
+                why = f"{why}: {e.filename}"
             raise GraphSurgeonError(f"cannot write the bundle: {why}", where=out) from None
         raise
     return out
