@@ -25,6 +25,7 @@ kernels and the ``raise-kernels`` pass are tested against them. The layouts:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ __all__ = [
     "compress_24",
     "decompress_24",
     "dequantize_nbits",
+    "evaluator",
     "int8_matmul",
     "matmul_nbits",
     "pack_bits",
@@ -200,3 +202,44 @@ def int8_matmul(
     a32 = np.asarray(a).astype(np.int32) - np.asarray(a_zero).astype(np.int32)
     b32 = np.asarray(b).astype(np.int32) - np.asarray(b_zero).astype(np.int32)
     return np.matmul(a32, b32).astype(np.int32)
+
+
+# -- the custom ops, for onnx's reference evaluator ---------------------------------------------
+def evaluator(model: Any) -> Any:
+    """An ``onnx.reference.ReferenceEvaluator`` that also runs the ``graphsurgeon`` custom ops
+    (with the functions above): a CPU oracle for lowered models, no GPU needed."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=_custom_ops())
+
+
+def _custom_ops() -> list[type]:
+    from onnx.reference.op_run import OpRun
+
+    class _GS(OpRun):
+        op_domain = "graphsurgeon"
+
+    class MatMulW4A16(_GS):
+        def _run(self, a, b, scales, zero_points=None, K=None, N=None, bits=None,
+                 block_size=None, has_zeros=None):  # fmt: skip
+            y = matmul_nbits(a, b, scales, zero_points, K, N, bits, block_size)
+            return (y.astype(a.dtype),)
+
+    class MatMulW8A16(MatMulW4A16):
+        pass
+
+    class SparseMatMul24(_GS):
+        def _run(self, a, values, meta, bias=None, K=None, N=None):
+            return (sparse24_matmul(a, values, meta, K, bias).astype(a.dtype),)
+
+    class BsrMatMul(_GS):
+        def _run(self, a, data, indices, indptr, bias=None, K=None, N=None, blocksize=None):
+            return (bsr_matmul(a, data, indices, indptr, K, N, bias).astype(a.dtype),)
+
+    class MatMulInt8(_GS):
+        def _run(self, a, b, a_zero_point=None, b_zero_point=None):
+            a_zero = 0 if a_zero_point is None else a_zero_point
+            b_zero = 0 if b_zero_point is None else b_zero_point
+            return (int8_matmul(a, b, a_zero, b_zero),)
+
+    return [MatMulW4A16, MatMulW8A16, SparseMatMul24, BsrMatMul, MatMulInt8]
