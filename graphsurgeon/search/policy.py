@@ -118,9 +118,10 @@ class Policy:
             parts.append(f"... {len(active) - limit} more")
         return "; ".join(parts)
 
-    def to_pipeline(self) -> dict[str, Any]:
-        """The pipeline spec that applies this policy to the original model."""
-        steps: list[Any] = list(self.prelude)
+    def to_pipeline(self, prelude: bool = True) -> dict[str, Any]:
+        """The pipeline spec that applies this policy to the original model (``prelude``
+        False: to the model the prelude already prepared)."""
+        steps: list[Any] = list(self.prelude) if prelude else []
         by_method: dict[str, list[Decision]] = {}
         for d in self.decisions:
             if d.method != "none":
