@@ -443,7 +443,9 @@ def _insert(
 
     def const(suffix: str, array: np.ndarray) -> ir.Value:
         name = unique(suffix)
-        value = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(array, dtype), name=name))
+        value = ir.val(
+            name, const_value=ir.tensor(np.array(array, dtype=dtype, order="C"), name=name)
+        )
         graph.register_initializer(value)
         return value
 
