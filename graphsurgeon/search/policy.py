@@ -42,6 +42,8 @@ class Decision:
     method: str = "none"
     params: tuple[tuple[str, Any], ...] = ()
     distill: bool = False
+    #: What the slot is, for transfer to another model: op, weight shape, depth in [0, 1].
+    role: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -54,6 +56,8 @@ class Decision:
             out["params"] = dict(self.params)
         if self.distill:
             out["distill"] = True
+        if self.role:
+            out["role"] = dict(self.role)
         return out
 
     @classmethod
@@ -65,6 +69,7 @@ class Decision:
                 method=str(data.get("method", "none")),
                 params=tuple(sorted((str(k), v) for k, v in (data.get("params") or {}).items())),
                 distill=bool(data.get("distill", False)),
+                role=tuple(sorted((data.get("role") or {}).items())),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise GraphSurgeonError(f"policy decision {data!r}: {e}") from None
@@ -102,7 +107,10 @@ class Policy:
 
     def key(self) -> str:
         """A stable hash of the decisions (same policy, same key, across runs and machines)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        data = self.to_dict()
+        for d in data["decisions"]:
+            d.pop("role", None)  # descriptive only: the same choices are the same policy
+        text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property

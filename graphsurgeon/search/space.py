@@ -117,6 +117,7 @@ class Slot:
     op: str
     methods: list[Method]
     spaces: list[dict[str, Space]]  # per method, the (possibly per-slot capped) spaces
+    shape: list[int] = field(default_factory=list)  # weight shape of the first layer
     units: list[str] = field(default_factory=list)  # removable units this slot owns
     unit_layers: dict[str, list[str]] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
@@ -157,6 +158,16 @@ class SearchSpace:
             self.slot_dims.append((start, start + slot.width))
             start += slot.width
         self.dim = start
+        n = max(len(slots) - 1, 1)
+        self.roles = {
+            s.id: (
+                ("depth", round(i / n, 4)),
+                ("layers", len(s.layers)),
+                ("op", s.op),
+                ("shape", list(s.shape)),
+            )
+            for i, s in enumerate(slots)
+        }
         self._features: np.ndarray | None = None
         self._activation_stats: dict[str, tuple[float, float, float]] = {}
 
@@ -228,7 +239,13 @@ class SearchSpace:
             if method.name == "remove":
                 removed.update(slot.unit_layers[params["unit"]])
             decisions.append(
-                Decision(slot.id, tuple(slot.layers), method.name, tuple(sorted(params.items())))
+                Decision(
+                    slot.id,
+                    tuple(slot.layers),
+                    method.name,
+                    tuple(sorted(params.items())),
+                    role=self.roles[slot.id],
+                )
             )
         return Policy(tuple(decisions), self.prelude)
 
@@ -265,10 +282,16 @@ class SearchSpace:
                 chosen = {k: _nearest(spaces[k], params[k]) for k in spaces if k in params}
                 if set(chosen) == set(spaces):
                     decisions.append(
-                        Decision(slot.id, tuple(slot.layers), method, tuple(sorted(chosen.items())))
+                        Decision(
+                            slot.id,
+                            tuple(slot.layers),
+                            method,
+                            tuple(sorted(chosen.items())),
+                            role=self.roles[slot.id],
+                        )
                     )
                     continue
-            decisions.append(Decision(slot.id, tuple(slot.layers)))
+            decisions.append(Decision(slot.id, tuple(slot.layers), role=self.roles[slot.id]))
         return Policy(tuple(decisions), self.prelude)
 
     def random(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
@@ -439,7 +462,14 @@ def _slot(layer: Layer, members: list[Layer], chosen: list[Method], grouped: boo
             space["rank"] = IntRange(r.low, max(r.low, min(r.high, full - 1)), log=r.log)
         methods.append(method)
         spaces.append(space)
-    return Slot(layer.id, [m.id for m in members], layer.op_type, methods, spaces)
+    return Slot(
+        layer.id,
+        [m.id for m in members],
+        layer.op_type,
+        methods,
+        spaces,
+        shape=[int(d) for d in layer.weight.shape],
+    )
 
 
 def _matrix_dims(layer: Layer) -> tuple[int, int]:
