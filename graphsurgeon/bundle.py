@@ -41,7 +41,16 @@ MODEL = "model.onnx"
 REPORT = "report.html"
 FORMAT = 1
 
-__all__ = ["FORMAT", "MANIFEST", "MODEL", "REPORT", "sha256_file", "versions", "write_bundle"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "MODEL",
+    "REPORT",
+    "finalize_bundle",
+    "sha256_file",
+    "versions",
+    "write_bundle",
+]
 
 
 def sha256_file(path: Path) -> str:
@@ -198,3 +207,33 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def finalize_bundle(staging: Path, out: str | os.PathLike, report_html: str) -> Path:
+    """Copy the checked bundle at ``staging`` to ``out`` with its final ``report.html``
+    (re-hashed in the manifest), atomically, as :func:`write_bundle` does."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() and any(out.iterdir()) and not _is_bundle(out):
+        raise GraphSurgeonError(
+            "folder is not empty and is not a graphsurgeon bundle; choose another -o", where=out
+        )
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise GraphSurgeonError(f"cannot write here: {e.strerror or e}", where=parent) from None
+    try:
+        shutil.copytree(staging, tmp, dirs_exist_ok=True)
+        (tmp / REPORT).write_text(report_html, encoding="utf-8")
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        manifest["files"][REPORT] = sha256_file(tmp / REPORT)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        _swap_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise GraphSurgeonError(f"cannot write the bundle: {why}", where=out) from None
+        raise
+    return out

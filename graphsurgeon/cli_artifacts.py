@@ -212,6 +212,73 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphsurgeon.optimize import OptimizeConfig, optimize, work_folder
+
+    config = OptimizeConfig(
+        model=Path(args.model),
+        output=Path(args.output),
+        profile=args.profile,
+        calib=Path(args.calib) if args.calib else None,
+        eval=Path(args.eval) if args.eval else None,
+        metric=args.metric,
+        max_accuracy_drop=args.max_accuracy_drop,
+        budget=args.budget,
+        strategy=args.strategy,
+        workers=args.workers,
+        seed=args.seed,
+        shapes=_shapes(args),
+        fresh=args.fresh,
+    )
+    for path in (config.model, config.calib, config.eval):
+        if path is not None and not path.is_file():
+            raise GraphSurgeonError("no such file", where=path)
+    try:
+        result = optimize(config, log=_log)
+    except KeyboardInterrupt:
+        print(
+            f"graphsurgeon: interrupted; progress is kept in {work_folder(config)}: run the same "
+            "command again to resume (nothing was written to the output)",
+            file=sys.stderr,
+        )
+        return 130
+    from rich.table import Table
+
+    o, f = result.original, result.final
+    table = Table(title=f"optimize {config.model.name} -> {result.bundle}/ ({result.backend})")
+    for col in ("", "original", "bundle", "change"):
+        table.add_column(col)
+    table.add_row(
+        o["metric"], f"{o['score']:.4f}", f"{f['score']:.4f}", f"{f['score'] - o['score']:+.4f}"
+    )
+    table.add_row(
+        "latency (ORT, side by side)",
+        f"{o['latency_ms']:.4f} ms",
+        f"{f['latency_ms']:.4f} ms",
+        f"{o['latency_ms'] / f['latency_ms']:.2f}x faster",
+    )
+    table.add_row(
+        "size",
+        f"{o['size_bytes']:,} B",
+        f"{f['size_bytes']:,} B",
+        f"{o['size_bytes'] / max(1, f['size_bytes']):.2f}x smaller",
+    )
+    if o.get("energy") and f.get("energy"):
+        table.add_row(
+            "energy / inference",
+            f"{o['energy']['mj']:.4g} mJ",
+            f"{f['energy']['mj']:.4g} mJ ({f['energy']['kind']})",
+            f"{o['energy']['mj'] / max(f['energy']['mj'], 1e-12):.2f}x less",
+        )
+    con = _console()
+    con.print(table)
+    con.print(f"policy: {result.policy}")
+    for note in result.notes:
+        con.print(f"note: {note}")
+    con.print(f"wrote {result.bundle}/ (manifest.json, model.onnx, report.html)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None:  # type: ignore[type-arg]
     """Register this module's subcommands."""
     p = sub.add_parser("compile", help="pick the fastest correct backend and write a bundle")
@@ -235,3 +302,19 @@ def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None: 
     p.add_argument("--backend", help="run with this backend instead of the manifest's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("optimize", help="cleanup, search, recover, compile, verify: a bundle")
+    p.add_argument("model")
+    p.add_argument("--profile", help="shipped profile name or YAML (default: detect this machine)")
+    p.add_argument("--calib", help=".npz calibration/training inputs (default: generated)")
+    p.add_argument("--eval", help=".npz evaluation inputs, labels optional (default: --calib)")
+    p.add_argument("--metric", help="module:function or fidelity|top1|accuracy|default")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="(0.01)")
+    p.add_argument("--budget", default="5m", help="total time: seconds or 5m, 1h30m (5m)")
+    p.add_argument("--strategy", default="ga", choices=["ga", "ppo", "bo", "random"])
+    p.add_argument("--workers", type=int, default=1, help="local evaluation processes (1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore progress saved by a past run")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE/")
+    add_shape(p)
+    p.set_defaults(func=cmd_optimize)
