@@ -262,6 +262,7 @@ def optimize(config: OptimizeConfig, log: Callable[[str], None] = print) -> Opti
         recovery = _recover(
             config, clean_path, chosen_path, recovered_path, selection, calib, eval_path, log
         )
+        log(f"    {recovery['detail']}")
         recovery["seconds"] = time.perf_counter() - t0
         checkpoint("recovery", recovery)
     final_path = recovered_path if recovery.get("kept") else chosen_path
@@ -677,18 +678,23 @@ def _report_data(config, profile, state, search, selection, final, stages, sensi
         if ":" in part:
             slot, _, what = part.partition(":")
             decisions[slot.strip()] = what.strip()
+    from graphsurgeon.layers import find_layers
+
+    ops = {layer.id: layer.op_type for layer in find_layers(load(state.folder / "clean.onnx"))}
     for layer, drift in sensitivity.items():
         layers.append(
             {
                 "layer": layer,
-                "op": "",
+                "op": ops.get(layer, ""),
                 "decision": decisions.get(layer, "none"),
                 "sensitivity": drift,
             }
         )
     for slot, what in decisions.items():
         if slot not in sensitivity:
-            layers.append({"layer": slot, "op": "", "decision": what, "sensitivity": None})
+            layers.append(
+                {"layer": slot, "op": ops.get(slot, ""), "decision": what, "sensitivity": None}
+            )
     passes = list((state.done("cleanup") or {}).get("passes", []))
     ratio = original.get("latency_ms", 0) / final["latency_ms"] if final.get("latency_ms") else None
     summary = [
@@ -701,6 +707,7 @@ def _report_data(config, profile, state, search, selection, final, stages, sensi
     ]  # fmt: skip
     return {
         "title": f"graphsurgeon optimize: {config.model.name}",
+        "metric": head,
         "model": {"path": str(config.model)},
         "profile": profile.name,
         "objectives": ["accuracy", "latency", "size"],

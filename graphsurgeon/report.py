@@ -5,6 +5,7 @@ only script is a few lines that sort tables when a header is clicked. The page r
 a plain data dict so that every number in it is one the run measured (or labelled estimated)::
 
     {"title": str, "model": {"path", "nodes", "params", "bytes"}, "profile": str,
+     "metric": str (the y axis: accuracy, cosine...),
      "objectives": [str], "summary": [[label, value], ...],
      "points": [{"id", "accuracy", "latency_ms", "size_bytes", "energy_mj", "energy_kind",
                  "pareto": bool, "policy": str, "status": str, "measured": bool}],
@@ -28,6 +29,9 @@ from typing import Any
 from graphsurgeon.model_io import atomic_write
 
 __all__ = ["render_report", "write_report"]
+
+# baselines, one color each (a legend under each plot names them)
+_PALETTE = ("#cf222e", "#8250df", "#bf8700", "#0969da", "#953800", "#1b7c83", "#6e7781")
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;
@@ -176,13 +180,22 @@ def _scatter(
             f'fill="{"#1a7f37" if on_front else "#8c959f"}" fill-opacity="0.85">'
             f"<title>{_e(p.get('id', ''))}: {_e(p.get('policy', ''))}</title></circle>"
         )
-    for b in base:
+    for i, b in enumerate(base):
         bx, by = sx(b[x_key]), sy(b[y_key])
+        color = _PALETTE[i % len(_PALETTE)]
         parts.append(
-            f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="#cf222e"/>'
+            f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="{color}" '
+            f'stroke="#fff" stroke-width="0.5"><title>{_e(b.get("name", ""))}</title></rect>'
         )
-        parts.append(f'<text x="{bx + 6:.1f}" y="{by - 6:.1f}">{_e(b.get("name", ""))}</text>')
     parts.append("</svg>")
+    legend = "".join(
+        f'<span style="white-space:nowrap;margin-right:10px"><span style="display:inline-block;'
+        f'width:9px;height:9px;background:{_PALETTE[i % len(_PALETTE)]}"></span> '
+        f"{_e(b.get('name', ''))}</span> "
+        for i, b in enumerate(base)
+    )
+    if legend:
+        parts.append(f'<div style="max-width:{w}px;font-size:12px">{legend}</div>')
     return "".join(parts)
 
 
@@ -220,22 +233,25 @@ def render_report(data: Mapping[str, Any]) -> str:
     points = list(data.get("points") or [])
     baselines = list(data.get("baselines") or [])
     plots = []
+    y_label = str(data.get("metric") or "accuracy")
     for x_key, x_label in (("latency_ms", "latency (ms)"), ("size_bytes", "size (bytes)")):
-        svg = _scatter(points, baselines, x_key, "accuracy", x_label, "accuracy")
+        svg = _scatter(points, baselines, x_key, "accuracy", x_label, y_label)
         if svg:
             plots.append(
-                f"<figure>{svg}<figcaption>accuracy against {x_label}</figcaption></figure>"
+                f"<figure>{svg}<figcaption>{_e(y_label)} against {x_label}</figcaption></figure>"
             )
     if any(_finite(p.get("energy_mj")) for p in points):
-        svg = _scatter(points, baselines, "energy_mj", "accuracy", "energy (mJ)", "accuracy")
+        svg = _scatter(points, baselines, "energy_mj", "accuracy", "energy (mJ)", y_label)
         if svg:
-            plots.append(f"<figure>{svg}<figcaption>accuracy against energy</figcaption></figure>")
+            plots.append(
+                f"<figure>{svg}<figcaption>{_e(y_label)} against energy</figcaption></figure>"
+            )
     if plots:
         n_front = sum(1 for p in points if p.get("pareto"))
         out.append(
             "<h2>Pareto front</h2>"
             f'<p class="muted">{len(points)} policies evaluated, {n_front} on the multi-objective '
-            "front (green); the line is the front in each plot's two axes; red squares are the "
+            "front (green); the line is the front in each plot's two axes; squares are the "
             "baselines.</p>"
             f'<div class="plots">{"".join(plots)}</div>'
         )
