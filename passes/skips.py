@@ -24,7 +24,7 @@ compressed destination lost: with ``R = y_d(original) - y_d(current)`` on the ca
 inputs and ``X`` the aligned source features, ``P = argmin ||X P + b - R||^2 + lam ||P||^2``
 (ridge, centred), and ``g = 1``. Skips are fitted one at a time in graph order, each against
 the model with the earlier skips in place. The original comes from the ``reference`` option
-(a model file) or from the pipeline's teacher (``pass_.teacher`` when the runner provides one);
+(a model file), else from the pipeline (its input model, as for ``distill``'s teacher);
 without either there is no residual to fit and the pass says so. To fit by training instead,
 run ``distill`` after ``add-skips`` (``fit: none``): the zero gains and random projections
 are ordinary parameters to it.
@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import networkx as nx
 import numpy as np
@@ -110,7 +110,7 @@ class AddSkipsOptions(PassOptions):
         Choice(["none", "lstsq"]),
     )
     reference: str | None = option(
-        None, "Original model file for fit: lstsq (default: the pipeline's teacher)."
+        None, "Original model file for fit: lstsq (default: the pipeline's input model)."
     )
     min_divergence: float = option(
         0.0,
@@ -154,8 +154,8 @@ class AddSkips(GSPass):
     kind = "surgery"
     Options = AddSkipsOptions
 
-    #: The original model, when the pipeline runner provides one (distillation's teacher).
-    teacher: ir.Model | None = None
+    #: fit: lstsq reads the pipeline's input model (``self.original``, set by the runner).
+    needs_original: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options
@@ -245,11 +245,15 @@ class AddSkips(GSPass):
             reference = load(Path(self.options.reference))
             ShapeInferencePass()(reference)
             return reference
-        if self.teacher is not None:
-            return self.teacher
+        original = getattr(self, "original", None)  # a fresh copy per call, in a pipeline
+        if callable(original):
+            reference = original()
+            ShapeInferencePass()(reference)
+            return reference
         raise GraphSurgeonError(
             "add-skips: options.fit: lstsq fits the skips to what the original model computed; "
-            "give options.reference (the original model file) or use fit: none and run distill"
+            "give options.reference (the original model file), run it in a pipeline, or use "
+            "fit: none and run distill"
         )
 
     def _fit(
