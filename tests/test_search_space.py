@@ -1,0 +1,161 @@
+"""Search space: slots from the registry, the vector encoding, policies as replayable pipelines.
+
+The digits CNN gives real slots (Conv, Gemm, channel groups); a hand-built residual MLP gives
+a removable unit and a coupled channel group whose results are checked against numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import graphsurgeon as gs
+from graphsurgeon.cli import main as cli_main
+from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.execution import make_session, run
+from graphsurgeon.layers import find_layers
+from graphsurgeon.options import Choice, IntRange, search_spaces
+from graphsurgeon.registry import get_pass
+from graphsurgeon.search import Decision, Policy, SearchSpace
+from graphsurgeon.search.space import resolve_methods
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def digits_space(digits):
+    model = gs.run_pipeline(gs.load(digits["model"]), "cleanup").model
+    return model, SearchSpace.build(model, prelude=["cleanup"])
+
+
+def test_round_trip_and_stable_keys(digits_space):
+    _, space = digits_space
+    seen = set()
+    for _ in range(120):
+        policy = space.decode(RNG.random(space.dim))
+        assert space.decode(space.encode(policy)) == policy
+        again = Policy.from_dict(yaml.safe_load(yaml.safe_dump(policy.to_dict())))
+        assert again == policy and again.key() == policy.key()
+        seen.add(policy.key())
+    assert len(seen) > 100  # the encoding reaches many distinct policies
+    assert space.decode(space.identity()).active == []
+
+
+def test_ranges_come_from_the_registry(digits_space):
+    _, space = digits_space
+    methods = set()
+    for slot in space.slots:
+        for method, spaces in zip(slot.methods, slot.spaces, strict=True):
+            methods.add(method.name)
+            if method.name in ("none", "remove"):
+                continue
+            declared = search_spaces(get_pass(method.name).Options)
+            for name, sp in spaces.items():
+                if name == "rank":  # capped at the layer's size
+                    assert isinstance(sp, IntRange) and sp.low == declared[name].low
+                    assert sp.high <= declared[name].high
+                elif method.name == "quantize-weights" and name == "bits":
+                    assert isinstance(sp, Choice) and set(sp.values) == {4, 2}
+                else:
+                    assert sp == declared[name], (method.name, name)
+    assert {"prune-channels", "quantize-int8", "factorize-lowrank"} <= methods
+    # the last Gemm writes the graph output: no channel pruning there
+    last = space.slots[-1]
+    assert "prune-channels" not in [m.name for m in last.methods]
+
+
+def test_policy_replays_with_graphsurgeon_run(digits, digits_space, tmp_path):
+    """Per-layer values reach their layers, and `graphsurgeon run policy.yaml` replays it."""
+    _, space = digits_space
+    conv0, conv1 = space.slots[0], space.slots[1]
+    policy = Policy(
+        (
+            Decision(conv0.id, tuple(conv0.layers), "prune-magnitude", (("sparsity", 0.3),)),
+            Decision(conv1.id, tuple(conv1.layers), "prune-magnitude", (("sparsity", 0.8),)),
+        ),
+        ("cleanup",),
+    )
+    spec = tmp_path / "policy.yaml"
+    spec.write_text(yaml.safe_dump(policy.to_pipeline()))
+    out = tmp_path / "out.onnx"
+    assert cli_main(["run", str(spec), str(digits["model"]), "-o", str(out)]) == 0
+    model = gs.load(out)
+    zeros = {layer.id: float(np.mean(layer.weight.numpy() == 0)) for layer in find_layers(model)}
+    assert zeros[conv0.id] == pytest.approx(0.3, abs=0.02)
+    assert zeros[conv1.id] == pytest.approx(0.8, abs=0.02)
+    assert zeros[space.slots[2].id] == 0.0  # untouched
+    x = np.load(digits["test"])["input"][:32]
+    assert np.isfinite(run(make_session(model), {"input": x})["logits"]).all()
+
+
+def _residual_mlp() -> onnx.ModelProto:
+    """x -> MatMul(W1) -> Relu -> MatMul(W2) -> Add(x) -> MatMul(W3) -> y."""
+    w1, w2, w3 = (RNG.normal(size=s).astype(np.float32) for s in ((16, 32), (32, 16), (16, 4)))
+    nodes = [
+        oh.make_node("MatMul", ["x", "W1"], ["h"], name="block/fc1"),
+        oh.make_node("Relu", ["h"], ["r"], name="block/relu"),
+        oh.make_node("MatMul", ["r", "W2"], ["b"], name="block/fc2"),
+        oh.make_node("Add", ["x", "b"], ["s"], name="block/add"),
+        oh.make_node("MatMul", ["s", "W3"], ["y"], name="head/fc"),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "mlp",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])],
+        [nh.from_array(w, n) for w, n in ((w1, "W1"), (w2, "W2"), (w3, "W3"))],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=10)
+
+
+def test_removal_and_channel_groups_on_a_residual_mlp(tmp_path):
+    proto = _residual_mlp()
+    path = tmp_path / "mlp.onnx"
+    onnx.save(proto, path)
+    model = gs.load(path)
+    space = SearchSpace.build(model)
+    by_id = {s.id: s for s in space.slots}
+    assert list(by_id) == ["block/fc1", "block/fc2", "head/fc"]
+    fc1 = by_id["block/fc1"]
+    names = [m.name for m in fc1.methods]
+    assert "prune-channels" in names and "remove" in names  # hidden units; a residual branch
+    assert "prune-channels" not in [m.name for m in by_id["block/fc2"].methods]  # meets x
+    # remove on fc1 removes the branch: fc2's own decision is dropped
+    x = np.zeros(space.dim)
+    start, _ = space.slot_dims[0]
+    x[start] = (names.index("remove") + 0.5) / len(names)
+    x[space.slot_dims[1][0]] = 0.99  # fc2 asks for its last method
+    policy = space.decode(x)
+    assert [d.method for d in policy.decisions] == ["remove", "none", "none"]
+    result = gs.run_pipeline(gs.load(path), policy.to_pipeline())
+    feed = {"x": RNG.normal(size=(8, 16)).astype(np.float32)}
+    got = run(make_session(result.model), feed)["y"]
+    w3 = nh.to_array(proto.graph.initializer[2])
+    np.testing.assert_allclose(got, feed["x"] @ w3, rtol=1e-5, atol=1e-5)  # y = x W3
+
+
+def test_features_describe_each_slot(digits, digits_space):
+    model, space = digits_space
+    calib = gs.data.load_npz(digits["test"], model)
+    space = SearchSpace.build(model, calib=calib)
+    f = space.features()
+    assert f.shape == (len(space.slots), len(SearchSpace.FEATURE_NAMES))
+    assert np.isfinite(f).all()
+    col = {n: i for i, n in enumerate(SearchSpace.FEATURE_NAMES)}
+    assert f[0, col["op_Conv"]] == 1 and f[-1, col["op_Gemm"]] == 1
+    assert (f[:, col["act_entropy"]] > 0).all()  # real activation histograms
+    assert f[:, col["log_params"]].max() > f[:, col["log_params"]].min()
+
+
+def test_bad_methods_and_vectors(digits_space):
+    _, space = digits_space
+    with pytest.raises(GraphSurgeonError, match="unknown method 'prune-everything'"):
+        resolve_methods("prune-everything")
+    assert {m.name for m in resolve_methods("quantize")} >= {"quantize-int8", "quantize-weights"}
+    with pytest.raises(GraphSurgeonError, match="policy vector has shape"):
+        space.decode(np.zeros(space.dim + 1))
