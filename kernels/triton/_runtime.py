@@ -1,9 +1,10 @@
 """Where kernels run: a CUDA GPU, or Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 
 Triton 3.x decides between compiling and interpreting when ``@triton.jit`` is applied, from
-the environment at that moment. :class:`LazyKernel` defers the decoration to the first launch
-and keeps one variant per mode, so importing these modules before setting the variable (or
-toggling it in tests) still gives the mode in force at launch.
+the environment at that moment; its own library functions (``tl.sum``, ``tl.cdiv``...) are
+decorated when ``triton.language`` is imported, so **the variable must be set before triton is
+imported**. :func:`check_device` says so if it was not. :class:`LazyKernel` defers the
+decoration of our kernels to their first launch, so importing these modules early is fine.
 """
 
 from __future__ import annotations
@@ -39,11 +40,22 @@ def check_device(what: str, *tensors: Any) -> None:
     if interpreting():
         if any(on_cuda):
             raise GraphSurgeonError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors")
+        if not _library_interpreted():
+            raise GraphSurgeonError(
+                f"{what}: TRITON_INTERPRET=1 was set after triton was imported; set it before"
+            )
         return
     if not cuda_available():
         raise GraphSurgeonError(f"{what}: {NEEDS_GPU}")
     if not all(on_cuda):
         raise GraphSurgeonError(f"{what}: tensors must be on the CUDA device")
+
+
+def _library_interpreted() -> bool:
+    """Whether triton.language's own jit functions were built for the interpreter."""
+    from triton.language import standard
+
+    return type(standard.cdiv).__name__ == "InterpretedFunction"
 
 
 class LazyKernel:

@@ -14,12 +14,13 @@ GraphSurgeonError saying so; use ``raise-kernels`` and onnxruntime there.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
-from graphsurgeon.kernels.triton import ops
+from graphsurgeon.kernels.triton import autotune, ops
 from graphsurgeon.kernels.triton._runtime import NEEDS_GPU, cuda_available, interpreting
 
 from graphsurgeon.errors import GraphSurgeonError
@@ -126,3 +127,17 @@ def load_lowered(
         }
 
     return run
+
+
+def bundle_files(profile: Any = None) -> dict[str, Path]:
+    """What a bundle ships for the Triton backend, as ``{path in the bundle: file}``: the
+    kernel sources (``triton/kernels/*.py``, with the numpy reference that defines them) and
+    the tuned configs of ``profile`` (a HardwareProfile or its name) if any were tuned."""
+    here = Path(__file__).resolve().parent
+    files = {f"triton/kernels/{p.name}": p for p in sorted(here.glob("*.py"))}
+    files["triton/kernels/reference.py"] = here.parent / "reference.py"
+    name = getattr(profile, "name", profile)
+    tuned = autotune.cache_path(name if isinstance(name, str) else None)
+    if tuned.is_file():
+        files[f"triton/tuned/{tuned.name}"] = tuned
+    return files
