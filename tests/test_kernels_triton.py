@@ -79,6 +79,18 @@ def test_nbits_kernel_matches_reference(bits, zeros, m, config):
     np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("bits", "block"), [(2, 64), (4, 16)])
+def test_nbits_kernel_two_bits_and_narrow_blocks(bits, block):
+    """2-bit codes (4 per byte) through the tensor-core path; a block of 8 bytes per row is
+    narrower than tl.dot's 16 and goes through the GEMV kernel even at 6 rows."""
+    k, n, m = 128, 24, 6
+    b, scales, zp = nbits_tensors(k, n, bits, block, True)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    got = ops.matmul_nbits(T(x), T(b), T(scales), T(zp), k, n, bits, block)
+    expected = ref.matmul_nbits(x, b, scales, zp, k, n, bits, block)
+    np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_reference_decodes_like_onnxruntime_and_the_layer_finder():
     """The reference reads quantize-weights' MatMulNBits exactly as ORT does; so does the
     kernel (batched leading dims are flattened like MatMul)."""

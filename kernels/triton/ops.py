@@ -65,7 +65,8 @@ def matmul_nbits(
     m = x2.shape[0]
     b2 = b.reshape(n, -1).contiguous()
     scales = scales.contiguous()
-    gemv = m <= w4a16.GEMV_MAX_M
+    # tl.dot needs 16 along K: blocks narrower than 16 bytes per row take the GEMV kernel
+    gemv = m <= w4a16.GEMV_MAX_M or block_size * bits // 8 < 16
     name = "w4a16_gemv" if gemv else "w4a16_gemm"
 
     def run(cfg: dict[str, Any]) -> torch.Tensor:
@@ -79,7 +80,12 @@ def matmul_nbits(
 
     if config is None:
         key = autotune.bucket_key(name, m, n=n, k=k, b=bits, g=block_size)
-        config = autotune.choose(key, w4a16.GEMV_CONFIGS if gemv else w4a16.GEMM_CONFIGS, run)
+        config = autotune.choose(
+            key,
+            w4a16.GEMV_CONFIGS if gemv else w4a16.GEMM_CONFIGS,
+            run,
+            valid=lambda c: gemv or min(c["BK"], block_size) * bits // 8 >= 16,
+        )
     return run(config).reshape(*x.shape[:-1], n)
 
 

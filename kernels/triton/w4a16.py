@@ -11,6 +11,11 @@ the sum: ``sum_k x_k (c_kn - z_n) s_n = s_n * sum_k x_k (c_kn - z_n)``. The inte
 differences ``c - z`` (|.| <= 255) are exact in fp16/bf16, the dot accumulates in fp32, and the
 scale is applied once per tile in fp32.
 
+Bytes are loaded whole (``[BK * bits / 8, BN]``, contiguous along K, so loads vectorize); the
+``8 / bits`` codes of a byte are peeled off with shifts, and each is matched with the
+activations at ``k = k0 + j + (8 / bits) * i`` (strided loads of x, which is small and
+cached): ``8 / bits`` partial dots per tile instead of an interleave in registers.
+
 Two paths: a tensor-core GEMM (``tl.dot``) for M > ``GEMV_MAX_M`` rows, and for batch 1-4 a
 GEMV that reduces with ``tl.sum`` (no 16-row padding of the MMA) and splits K over
 ``SPLIT_K`` programs that ``atomic_add`` into an fp32 output: at batch 1 the layer is bound
@@ -35,6 +40,7 @@ def _nbits_gemm(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     per_byte: tl.constexpr = 8 // BITS
+    bkb: tl.constexpr = BK // per_byte  # bytes of a row per K-tile
     code_mask: tl.constexpr = (1 << BITS) - 1
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
@@ -46,34 +52,36 @@ def _nbits_gemm(
     pid_n = (pid % width) // size_m
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rb = tl.arange(0, bkb)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        kk = k0 + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )
+        kb = k0 // per_byte + rb
         byte = tl.load(
-            b_ptr + rn[None, :] * b_row + (kk // per_byte)[:, None],
-            mask=(rn[None, :] < N) & (kk[:, None] < K),
+            b_ptr + rn[None, :] * b_row + kb[:, None],
+            mask=(rn[None, :] < N) & (kb[:, None] < b_row),
             other=0,
-        ).to(tl.int32)
-        code = (byte >> ((kk % per_byte) * BITS)[:, None]) & code_mask
+        ).to(tl.int32)  # [bkb, BN], contiguous along K: whole bytes, vectorized loads
         blk = k0 // BLOCK_SIZE
         scale = tl.load(s_ptr + rn * n_blocks + blk, mask=rn < N, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zb = tl.load(z_ptr + rn * z_row + blk // per_byte, mask=rn < N, other=0).to(tl.int32)
-            w = code - ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
+            zero = ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
         else:
-            w = code - (1 << (BITS - 1))
-        w = w.to(x.dtype)
-        if IEEE:  # noqa: SIM108 (a constexpr branch: one dot is compiled)
-            part = tl.dot(x, w, input_precision="ieee")
-        else:
-            part = tl.dot(x, w)
-        acc += part * scale[None, :]
+            zero = 1 << (BITS - 1)
+        tile = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(per_byte):  # code j of each byte is k = k0 + j + per_byte * i
+            kk = k0 + j + rb * per_byte
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )
+            w = (((byte >> (j * BITS)) & code_mask) - zero).to(x.dtype)
+            if IEEE:
+                tile += tl.dot(x, w, input_precision="ieee")
+            else:
+                tile += tl.dot(x, w)
+        acc += tile * scale[None, :]
     tl.store(
         y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
@@ -90,33 +98,38 @@ def _nbits_gemv(
     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     per_byte: tl.constexpr = 8 // BITS
+    bkb: tl.constexpr = BK // per_byte
     code_mask: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rb = tl.arange(0, bkb)
     acc = tl.zeros((BN,), dtype=tl.float32)
     k_chunk = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
     for k0 in range(k_start, k_end, BK):
-        kk = k0 + rk
-        x = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=kk < K, other=0.0)
+        kb = k0 // per_byte + rb
         byte = tl.load(
-            b_ptr + rn[None, :] * b_row + (kk // per_byte)[:, None],
-            mask=(rn[None, :] < N) & (kk[:, None] < K),
+            b_ptr + rn[None, :] * b_row + kb[:, None],
+            mask=(rn[None, :] < N) & (kb[:, None] < b_row),
             other=0,
         ).to(tl.int32)
-        code = (byte >> ((kk % per_byte) * BITS)[:, None]) & code_mask
         blk = k0 // BLOCK_SIZE
         scale = tl.load(s_ptr + rn * n_blocks + blk, mask=rn < N, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zb = tl.load(z_ptr + rn * z_row + blk // per_byte, mask=rn < N, other=0).to(tl.int32)
-            w = code - ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
+            zero = ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
         else:
-            w = code - (1 << (BITS - 1))
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[:, None], axis=0) * scale
+            zero = 1 << (BITS - 1)
+        tile = tl.zeros((BN,), dtype=tl.float32)
+        for j in tl.static_range(per_byte):
+            kk = k0 + j + rb * per_byte
+            x = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=kk < K, other=0.0)
+            w = (((byte >> (j * BITS)) & code_mask) - zero).to(tl.float32)
+            tile += tl.sum(w * x.to(tl.float32)[:, None], axis=0)
+        acc += tile * scale
     out = y_ptr + m * stride_ym + rn * stride_yn
     if SPLIT_K == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -159,6 +172,7 @@ def launch(
     bk = min(config["BK"], block_size)  # a tile never straddles a quantization block
     has_zeros = zero_points is not None
     if "BM" not in config:
+        bk = max(bk, 8 // bits)  # at least one byte per row
         grid = (triton.cdiv(n, config["BN"]), config["SPLIT_K"], m)
         nbits_gemv[grid](
             *common,
