@@ -24,8 +24,8 @@ Every custom op computes exactly what the ONNX form it replaces computes (with t
 values, in float32 / int32): the pass is ``exact``. The 2:4 and BSR forms hold the weight's
 nonzeros exactly; a layer whose weight does not fit the pattern it claims (say a 2:4 mask
 after a later pass changed the weight) is skipped with a reason. Each custom node records in
-``graphsurgeon.lowered_from`` (metadata) what it came from, so ``raise-kernels`` restores the
-very same standard form: MatMulNBits, DequantizeLinear + MatMul, MatMul or Gemm (same
+``graphsurgeon.lowered_from`` (metadata, JSON) what it came from (op, layout, and the pruning
+mask of a sparse layer), so ``raise-kernels`` restores the very same standard form: MatMulNBits, DequantizeLinear + MatMul, MatMul or Gemm (same
 layout, same mask metadata), MatMulInteger.
 
 **A lowered model does not run in stock onnxruntime** (it has no ``graphsurgeon`` kernels):
@@ -107,9 +107,11 @@ class _Edit:
         last_old, last_new = old[-1], new[-1]
         y, out = last_old.outputs[0], last_new.outputs[0]
         out.type, out.shape = y.type, y.shape
-        for key in (LAYER_ID_KEY, MASK_KEY):
-            if key in last_old.metadata_props:
-                last_new.metadata_props[key] = last_old.metadata_props[key]
+        if LAYER_ID_KEY in last_old.metadata_props:
+            last_new.metadata_props[LAYER_ID_KEY] = last_old.metadata_props[LAYER_ID_KEY]
+        origin = json.loads(last_old.metadata_props.get(LOWERED_FROM_KEY, "null"))
+        if isinstance(origin, dict) and "mask" in origin:  # raising: the mask goes back
+            last_new.metadata_props[MASK_KEY] = origin["mask"]
         if not last_new.name:
             last_new.name = last_old.name
         inputs = {v for n in old for v in n.inputs if v is not None}
@@ -288,7 +290,9 @@ def _lower_sparse(
         raise _Skip("weight is not a constant 2-D float32 input B")
     wt = w.T if trans_b else w  # [K, N]
     k, n = wt.shape
-    origin = {"op": node.op_type, "transB": trans_b}
+    # the mask describes the dense weight: kept in the origin (for raise-kernels), not as a
+    # mask of this node's inputs (which other passes would read as the weight's)
+    origin = {"op": node.op_type, "transB": trans_b, "mask": node.metadata_props[MASK_KEY]}
     base = w_value.name or "w"
     if kind == "sparse24":
         if k % 8:

@@ -209,6 +209,50 @@ def test_int8_kernel_matches_reference_and_onnxruntime(a_dtype):
     np.testing.assert_array_equal(run(make_session(model), {"a": a})["y"], expected)
 
 
+# -- a lowered model through the ONNX -> torch bridge -----------------------------------------
+def test_load_lowered_runs_the_custom_ops_with_the_kernels():
+    pytest.importorskip("graphsurgeon.training")
+    from graphsurgeon.kernels.triton.bind import load_lowered
+    from graphsurgeon.passes.lowering import LowerKernels
+    from graphsurgeon.passes.pruning import PruneBlocks, PruneNM
+
+    from graphsurgeon.targets import Targets
+
+    k, h, n = 64, 48, 16
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W1"], ["a"], name="fc1"),
+            oh.make_node("Relu", ["a"], ["r"], name="relu"),
+            oh.make_node("MatMul", ["r", "W2"], ["b"], name="fc2"),
+            oh.make_node("Gemm", ["b", "W3", "c"], ["y"], name="fc3", transB=1),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [
+            nh.from_array(RNG.uniform(-1, 1, (k, h)).astype(np.float32), "W1"),
+            nh.from_array(RNG.uniform(-1, 1, (h, h)).astype(np.float32), "W2"),
+            nh.from_array(RNG.uniform(-1, 1, (n, h)).astype(np.float32), "W3"),
+            nh.from_array(RNG.uniform(-1, 1, n).astype(np.float32), "c"),
+        ],
+    )
+    model = ir.from_proto(
+        oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=10)
+    )
+    QuantizeWeights({"bits": 4}, Targets(layers=["fc1"]))(model)
+    PruneNM({}, Targets(layers=["fc2"]))(model)
+    PruneBlocks({"block": "4x4", "sparsity": 0.7}, Targets(layers=["fc3"]))(model)
+    feeds = {"x": RNG.standard_normal((3, k)).astype(np.float32)}
+    expected = run(make_session(model), feeds)["y"]
+    LowerKernels()(model)
+    assert [n.op_type for n in model.graph] == [
+        "MatMulW4A16", "Relu", "SparseMatMul24", "BsrMatMul"
+    ]  # fmt: skip
+    runner = load_lowered(model, device=DEVICE, half=False)
+    got = runner(feeds)["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 # -- errors, autotune -------------------------------------------------------------------------
 def test_without_gpu_or_interpreter_the_error_says_so(monkeypatch):
     if torch.cuda.is_available():

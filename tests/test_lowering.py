@@ -20,7 +20,7 @@ from graphsurgeon.passes.lowering import (
     LowerKernels,
     RaiseKernels,
 )
-from graphsurgeon.passes.pruning import PruneBlocks, PruneNM, read_mask
+from graphsurgeon.passes.pruning import MASK_KEY, PruneBlocks, PruneNM, read_mask
 from graphsurgeon.passes.weight_quant import QuantizeWeights
 from onnx import TensorProto
 from onnx import helper as oh
@@ -200,6 +200,9 @@ def test_two_four_stores_half_the_values():
     node = model.graph.node(0)
     values, meta = (v.const_value.numpy() for v in node.inputs[1:3])
     assert values.shape == (48, 32) and meta.shape == (48, 8) and meta.dtype == np.uint8
+    # the dense weight's mask travels in lowered_from, not as a mask of the node's inputs
+    assert MASK_KEY not in node.metadata_props
+    assert "mask" in json.loads(node.metadata_props[LOWERED_FROM_KEY])
 
 
 def test_two_four_mask_that_no_longer_fits_is_skipped():
