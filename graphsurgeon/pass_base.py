@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
@@ -38,6 +39,9 @@ class GSPass(InPlacePass):
     Options: ClassVar[type[PassOptions]] = NoOptions
     #: Whole-graph passes (dead code, CSE...) cannot honour a node selector; they refuse one.
     supports_targets: ClassVar[bool] = True
+    #: Passes that need the model as it was when the pipeline started (a distillation
+    #: teacher) set this; the runner then keeps a serialized copy and sets ``self.original``.
+    needs_original: ClassVar[bool] = False
 
     def __init__(
         self, options: PassOptions | dict[str, Any] | None = None, targets: Targets | None = None
@@ -73,6 +77,9 @@ class GSPass(InPlacePass):
         #: Calibration data (``--calib``), set by the pipeline runner; None means passes that
         #: need activations use generated inputs (see graphsurgeon.calibration).
         self.calib: Dataset | None = None
+        #: For ``needs_original`` passes in a pipeline: a fresh copy of the pipeline's input
+        #: model on each call (None outside a pipeline).
+        self.original: Callable[[], ir.Model] | None = None
         self.notes: dict[str, Any] = {}
         self.skipped: Counter[str] = Counter()
 

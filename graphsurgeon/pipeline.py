@@ -325,10 +325,33 @@ def run_pipeline(
     numeric = _NumericReference(model, calib) if verify == "numeric" else None
     instruments = list(default_instruments() if instruments is None else instruments)
     runner = _Runner(model, signature, strict, verify, numeric, instruments, on_record, calib)
+    if any(step.cls.needs_original for step in iter_pass_steps(steps)):
+        runner.original = _Original(model)
     modified = runner.run_steps(steps)
     return PipelineResult(
         model, modified, runner.records, numeric.drift_vs_original() if numeric else None
     )
+
+
+class _Original:
+    """The pipeline's input model, for passes that distill from it: kept serialized (one
+    protobuf, no second IR) and only when a pass in the pipeline asks for it."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._proto = ir.to_proto(model)
+        # memory-mapped external tensors are immutable: share them rather than lose their
+        # folder in the protobuf round trip
+        self._external = {
+            name: value.const_value
+            for name, value in model.graph.initializers.items()
+            if isinstance(value.const_value, ir.ExternalTensor)
+        }
+
+    def __call__(self) -> ir.Model:
+        model = ir.from_proto(self._proto)
+        for name, tensor in self._external.items():
+            model.graph.initializers[name].const_value = tensor
+        return model
 
 
 @dataclass
@@ -342,6 +365,7 @@ class _Runner:
     on_record: Callable[[PassRecord], None] | None
     calib: Dataset | None = None
     records: list[PassRecord] = field(default_factory=list)
+    original: _Original | None = None
 
     def run_steps(self, steps: Sequence[Step]) -> bool:
         modified = False
@@ -359,6 +383,8 @@ class _Runner:
     def run_pass(self, step: PassStep) -> bool:
         pass_ = step.instantiate()
         pass_.calib = self.calib
+        if pass_.needs_original and self.original is not None:
+            pass_.original = self.original
         label = f"step {step.label}"
         record = PassRecord(step=step.label, name=pass_.name, kind=pass_.kind)
         inherit = weight_ids(find_layers(self.model))
