@@ -38,16 +38,17 @@ from graphsurgeon.training.bridge import GraphModule, _backing_initializer
 from graphsurgeon.training.loop import StepHook
 
 GENERATED_FEEDS = 8
+TRANSFORMER_LR, CNN_LR = 1e-3, 5e-3
 
 __all__ = ["Distill", "TrainOptions", "TrainingPass"]
 
 
 class TrainOptions(PassOptions):
     steps: int = option(200, "Optimizer steps (minibatches).", IntRange(50, 2000, log=True), ge=1)
-    lr: float = option(
-        5e-3,
-        "Adam learning rate (10% warmup, then cosine decay). Fits CNNs recovering from heavy "
-        "pruning; transformers want 1e-4..1e-3.",
+    lr: float | None = option(
+        None,
+        "Adam learning rate (10% warmup, then cosine decay); default: 1e-3 for models with "
+        "LayerNormalization (transformers), else 5e-3.",
         FloatRange(1e-4, 2e-2, log=True),
         gt=0,
     )
@@ -169,12 +170,13 @@ class TrainingPass(GSPass):
     ) -> dict[str, Any]:
         opts = self.options
         module = module if module is not None else to_torch(model)
+        self.note("lr", self.learning_rate(model))
         return distill_model(
             model,
             teacher,
             feeds,
             steps=steps or opts.steps,
-            lr=opts.lr,
+            lr=self.learning_rate(model),
             temperature=opts.temperature,
             feature_layers=opts.feature_layers,
             feature_weight=opts.feature_weight,
@@ -187,6 +189,15 @@ class TrainingPass(GSPass):
             hook=hook,
             module=module,
         )
+
+    def learning_rate(self, model: ir.Model) -> float:
+        """``options.lr``, else by architecture. Measured: MiniLM pruned 50%, 30 steps, loss
+        0.51 -> 0.17 at 1e-3 but -> 0.71 at 5e-3; the digits CNN pruned 90%, 200 steps, 96%
+        accuracy at 3e-3 and 98% at 1e-2."""
+        if self.options.lr is not None:
+            return self.options.lr
+        transformer = any(node.op_type == "LayerNormalization" for node in model.graph)
+        return TRANSFORMER_LR if transformer else CNN_LR
 
     def note_training(self, stats: dict[str, Any], prefix: str = "") -> None:
         for key in ("steps", "seconds", "first_loss", "last_loss", "loss_before", "loss_after"):
