@@ -8,8 +8,8 @@ resumes where it stopped when the same command is run again:
    a report column);
 3. **search**: :func:`graphsurgeon.search.tune` within the time left, policies committed to
    SQLite as they finish (so a resumed search loses no finished evaluation);
-4. **selection**: the front's points, best reward first, are rebuilt and checked against the
-   two promises: accuracy no more than ``max_accuracy_drop`` below the original on the
+4. **selection**: the front's points, best reward first (then the baselines: onnxruntime's
+   quantizers and uniform pruning), are rebuilt and checked against the two promises: accuracy no more than ``max_accuracy_drop`` below the original on the
    evaluation data, and latency measured side by side with the original (interleaved rounds,
    same backend and threads) no higher. The first that keeps both wins; if none does, nothing
    is written and the error says why;
@@ -47,7 +47,7 @@ STAGES = ("cleanup", "sensitivity", "search", "selection", "recovery", "compile"
 DEFAULT_BUDGET = "5m"
 # seconds kept back from the search for selection, recovery, compile, verify and the report
 _RESERVE_S = 75.0
-_MAX_CANDIDATES = 4
+_MAX_CANDIDATES = 10
 
 
 class NoSolutionError(GraphSurgeonError):
@@ -525,7 +525,27 @@ def _select(config, clean, search, profile, calib, eval_path, chosen_path, log) 
         "weight_bytes": weight_bytes(clean),
     }
     reasons = []
-    for point in search["front"][:_MAX_CANDIDATES]:
+    # The front, best reward first, then the baselines (onnxruntime's quantizers, uniform
+    # pruning): a baseline that keeps the promises is a valid answer, and better than none.
+    # Points the search measured as faster than the original come first (best reward first),
+    # then the rest of the front (fastest first), then the baselines.
+    baselines = [b for b in search.get("baselines", []) if b.get("name") != "original"]
+    base_ms = next(
+        (
+            b["objectives"].get("latency_ms")
+            for b in search.get("baselines", [])
+            if b.get("name") == "original"
+        ),
+        None,
+    )
+
+    def latency(d: dict[str, Any]) -> float:
+        return float(d.get("objectives", {}).get("latency_ms", float("inf")))
+
+    faster = [d for d in search["front"] if base_ms is not None and latency(d) < base_ms]
+    rest = sorted((d for d in search["front"] if d not in faster), key=latency)
+    candidates = [*faster, *rest, *sorted(baselines, key=latency)]
+    for point in candidates[:_MAX_CANDIDATES]:
         spec, summary = _policy_spec(search, point)
         model = clean.clone()
         try:
