@@ -194,6 +194,22 @@ class Evaluator:
         result.eval_s = time.perf_counter() - start
         return result
 
+    def evaluate_model(self, model: ir.Model, key: str, *, measure: bool = True) -> EvalResult:
+        """Score a model made elsewhere (an outside baseline) exactly like a policy's."""
+        start = time.perf_counter()
+        result = EvalResult(key, "ok")
+        try:
+            self._score(model, result)
+            if measure:
+                self._measured(model, result)
+            else:
+                result.objectives.update(self._predicted(model, result))
+        except Exception as e:
+            result.status = "failed"
+            result.error = _error_text(e)
+        result.eval_s = time.perf_counter() - start
+        return result
+
     def measure(self, policy: Policy | list[Any]) -> EvalResult:
         return self.evaluate(policy, measure=True)
 
@@ -264,6 +280,21 @@ class Evaluator:
 
 
 _DTYPES = {"INT8": "int8", "UINT8": "int8", "INT4": "int4", "UINT4": "int4", "FLOAT16": "fp16"}
+
+
+def mean_cosine(
+    outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None, labels: Any = None
+) -> dict[str, float]:
+    """Mean (and worst) per-row cosine of the first output against the reference: for
+    sentence embeddings, the mean sentence cosine (``--metric
+    graphsurgeon.search.evaluate:mean_cosine``)."""
+    if reference is None:
+        raise GraphSurgeonError("metric mean_cosine compares with a reference model; none given")
+    name = next(iter(reference))
+    a = np.asarray(outputs[name], dtype=np.float64).reshape(len(outputs[name]), -1)
+    b = np.asarray(reference[name], dtype=np.float64).reshape(len(reference[name]), -1)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
 
 
 def _steps_key(steps: list[Any]) -> str:

@@ -110,6 +110,7 @@ class TuneResult:
     best: dict[str, Any] | None
     best_policy: Policy | None
     hypervolume: float
+    search_s: float = 0.0  # the search loop alone (no baselines, no measuring)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -126,7 +127,8 @@ class TuneResult:
             "evaluated": self.evaluated,
             "failed": self.failed,
             "elapsed_s": self.elapsed_s,
-            "evaluations_per_s": self.evaluations / self.elapsed_s if self.elapsed_s else None,
+            "search_s": self.search_s,
+            "evaluations_per_s": self.evaluations / self.search_s if self.search_s else None,
             "hypervolume": self.hypervolume,
             "front": self.front,
             "baselines": self.baselines,
@@ -165,6 +167,7 @@ def tune(
     measure_front: int = 8,
     batch_size: int | None = None,
     strategy_options: dict[str, Any] | None = None,
+    sensitivity: dict[str, float] | None = None,
     progress: bool = True,
     write_outputs: bool = True,
 ) -> TuneResult:
@@ -196,7 +199,11 @@ def tune(
         config = EvalConfig(**{**config.__dict__, "noise": 0.1})
     evaluator = evaluator_for(config)
     space = SearchSpace.build(
-        evaluator.base_model(), methods=methods, prelude=config.prelude, calib=evaluator.calib
+        evaluator.base_model(),
+        methods=methods,
+        sensitivity=sensitivity,
+        prelude=config.prelude,
+        calib=evaluator.calib,
     )
     if not space.slots:
         raise GraphSurgeonError(f"{model}: no layer the search can compress")
@@ -265,7 +272,9 @@ def tune(
         if record.strategy_state:
             strat.load_state_dict(record.strategy_state)
         batch = batch_size or int(getattr(strat, "pop_size", 0) or max(8, 2 * workers))
+        search_start = time.perf_counter()
         loop.search(strat, ex, batch, n_budget, s_budget, started)
+        loop.search_s = time.perf_counter() - search_start
         loop.measure(ex, measure_front)
     finally:
         ex.close()
@@ -308,6 +317,7 @@ class _Loop:
         self.asked = len(self.rows)
         self.evaluated = 0
         self.base_costs: dict[str, float] = {}
+        self.search_s = 0.0
         self.new_latency: dict[str, float] = {}
 
     # -- scores ---------------------------------------------------------------------------
@@ -516,6 +526,7 @@ class _Loop:
             best=self.describe(best.row) if best else None,
             best_policy=Policy.from_dict(best.row.policy) if best else None,
             hypervolume=hv,
+            search_s=self.search_s,
             notes=notes,
         )
 

@@ -1,0 +1,313 @@
+"""Compression search: every strategy with the same evaluation budget, in one run.
+
+For the digits CNN (batch 64) and MiniLM-L6 (1 x 41 tokens, the real sentences' padded
+length), each strategy runs ``graphsurgeon.search.tune`` with the same budget, seed, profile
+and evaluator, each in its own database (no cache shared between strategies). It reports:
+
+- the hypervolume of each strategy's feasible points (predicted latency), normalized by the
+  original model (latency and size as fractions of it, accuracy drop absolute) with the
+  reference point (max accuracy drop, 1.1, 1.1): the same normalization for every strategy;
+- whether its *measured* front dominates onnxruntime's own ``quantize_dynamic`` and
+  ``quantize_static`` (called directly, defaults) and uniform pruning (prune-magnitude 50%),
+  all scored by the same evaluator and timed with the same ``measure_model``;
+- evaluations per second of the search loop with the latency model (target >= 20/s on the
+  digits CNN on 2 cores);
+- on MiniLM: the fastest measured policy with mean sentence cosine >= 0.99, against
+  ``quantize_dynamic``'s measured latency (target: faster, within 20 minutes of search).
+
+    python benchmarks/search.py [--quick] [--models digits,minilm] [--strategies ga,random,bo,ppo]
+        [--budget 200] [--minilm-budget 18m] [--workers 2]
+
+Results go to benchmarks/results/search-cpu.json (``--quick``: search-cpu-quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+import graphsurgeon as gs
+from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.search.db import PolicyDB
+from graphsurgeon.search.evaluate import EvalConfig, evaluator_for
+from graphsurgeon.search.pareto import hypervolume
+from graphsurgeon.search.strategies import get_strategy
+from graphsurgeon.search.tune import tune
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "examples" / "models"
+PROFILE = "x86-avx512-vnni"
+KEYS = ("accuracy_drop", "latency_ms", "size_bytes")
+
+
+def cases(quick: bool, tmp: Path) -> dict[str, dict[str, Any]]:
+    seq = np.load(MODELS / "minilm_sentences.npz")["input_ids"].shape[1]
+    n_minilm = 48 if quick else 128
+    with np.load(MODELS / "minilm_sentences.npz") as npz:
+        np.savez(tmp / "minilm_eval.npz", **{k: npz[k][:n_minilm] for k in npz.files})
+        np.savez(tmp / "minilm_calib.npz", **{k: npz[k][-32:] for k in npz.files})
+    return {
+        "digits": {
+            "model": MODELS / "digits_cnn.onnx",
+            "calib": MODELS / "digits_train.npz",
+            "eval": MODELS / "digits_test.npz",
+            "metric": None,  # labelled accuracy
+            "shapes": {"input": [64, 1, 8, 8]},
+            "max_drop": 0.05,
+            "max_samples": 256,
+        },
+        "minilm": {
+            "model": MODELS / "minilm_l6.onnx",
+            "calib": tmp / "minilm_calib.npz",
+            "eval": tmp / "minilm_eval.npz",
+            "metric": "graphsurgeon.search.evaluate:mean_cosine",
+            "shapes": {k: [1, seq] for k in ("input_ids", "attention_mask", "token_type_ids")},
+            "max_drop": 0.01,  # mean sentence cosine >= 0.99
+            "max_samples": n_minilm,
+        },
+    }
+
+
+def ort_baselines(case: dict[str, Any], tmp: Path) -> dict[str, dict[str, Any]]:
+    """onnxruntime.quantization's quantize_dynamic and quantize_static (defaults), scored and
+    measured by the same evaluator as the search's policies."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+    config = _config(case)
+    ev = evaluator_for(config)
+    source = tmp / f"{Path(case['model']).stem}.prepared.onnx"
+    proto = ir.to_proto(ev.base_model())  # the same prepared (cleaned) model
+    del proto.graph.value_info[:]  # ORT's tools re-infer shapes; stale entries make them refuse
+    onnx.save(proto, source)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(ev.calib.feeds(64, batch_size=ev.calib.fixed_batch or 16))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, fn in (
+        ("ort quantize_dynamic", lambda dst: quantize_dynamic(source, dst)),
+        ("ort quantize_static", lambda dst: quantize_static(source, dst, Reader())),
+    ):
+        dst = tmp / f"{name.replace(' ', '_')}.onnx"
+        fn(dst)
+        r = ev.evaluate_model(gs.load(dst), name, measure=True)
+        out[name] = {"status": r.status, "error": r.error, **r.objectives, "kinds": r.kinds}
+    return out
+
+
+def _config(case: dict[str, Any]) -> EvalConfig:
+    return EvalConfig(
+        model=str(Path(case["model"]).resolve()),
+        profile=PROFILE,
+        calib=str(Path(case["calib"]).resolve()),
+        eval=str(Path(case["eval"]).resolve()),
+        metric=case["metric"],
+        shapes=case["shapes"],
+        max_samples=case["max_samples"],
+    )
+
+
+def dominated_by(front: list[dict[str, float]], point: dict[str, float]) -> bool:
+    """Some front point is at least as good in every objective and better in one."""
+    for f in front:
+        le = all(f[k] <= point[k] for k in KEYS)
+        lt = any(f[k] < point[k] for k in KEYS)
+        if le and lt:
+            return True
+    return False
+
+
+def run_strategy(
+    name: str, case: dict[str, Any], budget: str, workers: int, tmp: Path, seed: int
+) -> dict[str, Any]:
+    out = tmp / f"{Path(case['model']).stem}-{name}"
+    options = {"pop_size": 16} if name == "ga" else {}
+    result = tune(
+        case["model"],
+        profile=PROFILE,
+        out_dir=out,
+        calib=case["calib"],
+        eval_data=case["eval"],
+        metric=case["metric"],
+        strategy=name,
+        budget=budget,
+        shapes=case["shapes"],
+        max_samples=case["max_samples"],
+        max_accuracy_drop=case["max_drop"],
+        workers=workers,
+        seed=seed,
+        measure_front=6,
+        strategy_options=options,
+        progress=False,
+        write_outputs=False,
+    )
+    db = PolicyDB(result.storage)
+    study = db.study(result.study)
+    points, original = [], None
+    for row in db.rows(study):
+        values = row.values()
+        if row.stage == "baseline" and row.name == "original":
+            original = values
+        if row.stage == "search" and row.status == "ok":
+            points.append({k: values[k] for k in KEYS})
+    db.close()
+    return {"result": result, "points": points, "original": original}
+
+
+def summarize(
+    name: str, run: dict[str, Any], base: dict[str, float], max_drop: float,
+    outside: dict[str, dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    result = run["result"]
+    feasible = np.array(
+        [[p["accuracy_drop"], p["latency_ms"] / base["latency_ms"], p["size_bytes"] / base["size_bytes"]]
+         for p in run["points"] if p["accuracy_drop"] <= max_drop]
+    ).reshape(-1, 3)  # fmt: skip
+    hv = hypervolume(feasible, np.array([max_drop + 1e-9, 1.1, 1.1])) if len(feasible) else 0.0
+    front = [
+        {k: d["objectives"][k] for k in KEYS}
+        for d in result.front
+        if d["kinds"].get("latency_ms") == "measured"
+    ]
+    baselines = {
+        b["name"]: {k: b["objectives"].get(k) for k in KEYS}
+        for b in result.baselines
+        if b["status"] != "failed"
+    }
+    compare = {"uniform-prune-50%": baselines.get("uniform-prune-50%")}
+    compare.update(
+        {k: {q: v.get(q) for q in KEYS} for k, v in outside.items() if v["status"] == "ok"}
+    )
+    dominates = {
+        k: (dominated_by(front, v) if v and all(v.get(q) is not None for q in KEYS) else None)
+        for k, v in compare.items()
+    }
+    return {
+        "strategy": name,
+        "evaluations": result.evaluations,
+        "evaluated": result.evaluated,
+        "failed": result.failed,
+        "search_s": round(result.search_s, 2),
+        "evaluations_per_s": round(result.evaluations / result.search_s, 2)
+        if result.search_s
+        else None,
+        "hypervolume": hv,
+        "feasible_points": len(feasible),
+        "front_measured": front,
+        "front_dominates": dominates,
+        "best": result.best,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke mode: tiny budgets")
+    ap.add_argument("--models", default="digits,minilm")
+    ap.add_argument("--strategies", default="ga,random,bo,ppo")
+    ap.add_argument("--minilm-strategies", default="ga", help="MiniLM's budget is minutes each")
+    ap.add_argument("--budget", default=None, help="digits: evaluations per strategy (200)")
+    ap.add_argument("--minilm-budget", default=None, help="MiniLM: per strategy (18m)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--json", help="results file (default benchmarks/results/search-cpu[-quick].json)"
+    )
+    args = ap.parse_args(argv)
+    budgets = {
+        "digits": args.budget or ("16" if args.quick else "200"),
+        "minilm": args.minilm_budget or ("6" if args.quick else "18m"),
+    }
+    report: dict[str, Any] = {
+        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus (shared, noisy)",
+        "profile": PROFILE,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": args.quick,
+        "workers": args.workers,
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="gs-search-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        all_cases = cases(args.quick, tmp)
+        for model in args.models.split(","):
+            case = all_cases[model]
+            names = (args.strategies if model == "digits" else args.minilm_strategies).split(",")
+            outside = ort_baselines(case, tmp)
+            entry: dict[str, Any] = {"budget": budgets[model], "ort": outside, "strategies": []}
+            base = None
+            for name in names:
+                try:
+                    get_strategy(name)
+                except GraphSurgeonError as e:
+                    entry["strategies"].append({"strategy": name, "skipped": str(e)})
+                    print(f"{model} {name}: skipped ({e})", flush=True)
+                    continue
+                t0 = time.perf_counter()
+                run = run_strategy(name, case, budgets[model], args.workers, tmp, args.seed)
+                base = base or run["original"]  # one normalization for every strategy
+                row = summarize(name, run, base, case["max_drop"], outside)
+                row["wall_s"] = round(time.perf_counter() - t0, 1)
+                entry["strategies"].append(row)
+                print(
+                    f"{model} {name}: {row['evaluations']} policies, {row['evaluations_per_s']}/s, "
+                    f"hypervolume {row['hypervolume']:.4g}, dominates {row['front_dominates']}",
+                    flush=True,
+                )
+            if model == "minilm":
+                entry["target"] = minilm_target(entry, outside, case["max_drop"])
+                print(f"minilm target: {entry['target']}", flush=True)
+            report["models"][model] = entry
+    path = (
+        Path(args.json)
+        if args.json
+        else ROOT
+        / "benchmarks"
+        / "results"
+        / ("search-cpu-quick.json" if args.quick else "search-cpu.json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+def minilm_target(
+    entry: dict[str, Any], outside: dict[str, Any], max_drop: float
+) -> dict[str, Any]:
+    dyn = outside.get("ort quantize_dynamic", {})
+    best = None
+    for row in entry["strategies"]:
+        for f in row.get("front_measured", []):
+            if f["accuracy_drop"] <= max_drop and (
+                best is None or f["latency_ms"] < best["latency_ms"]
+            ):
+                best = f
+    if best is None or dyn.get("status") != "ok":
+        return {"met": False, "fastest_within_cosine": best, "quantize_dynamic": dyn}
+    return {
+        "met": best["latency_ms"] < dyn["latency_ms"],
+        "fastest_within_cosine": best,
+        "mean_cosine": 1 - best["accuracy_drop"],
+        "quantize_dynamic_ms": dyn["latency_ms"],
+        "speedup_vs_quantize_dynamic": dyn["latency_ms"] / best["latency_ms"],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
