@@ -14,8 +14,8 @@ stable layer id:
 - a layer that disappears: all its nonzeros pruned; a new layer (a skip projection): all its
   nonzeros created.
 
-Memory stays bounded: a snapshot keeps one bit per weight element (``np.packbits`` of the
-nonzero mask), so 1/32 of a float32 model, and weights are read one tensor at a time.
+Memory stays bounded: a mask keeps one bit per weight element (``np.packbits``), 1/32 of a
+float32 weight, and weights are read one tensor at a time, only those a pass replaced.
 """
 
 from __future__ import annotations
@@ -31,7 +31,16 @@ from graphsurgeon.instruments import Instrument, PassRecord
 from graphsurgeon.layers import find_layers
 from graphsurgeon.pass_base import GSPass
 
-__all__ = ["Plasticity", "WeightMask", "connection_changes", "plasticity", "snapshot", "summarize"]
+__all__ = [
+    "Plasticity",
+    "WeightMask",
+    "connection_changes",
+    "layer_weights",
+    "plasticity",
+    "snapshot",
+    "summarize",
+    "weight_mask",
+]
 
 
 @dataclass(frozen=True)
@@ -45,24 +54,32 @@ class WeightMask:
 Snapshot = dict[str, WeightMask]
 
 
-def snapshot(model: ir.Model) -> Snapshot:
-    """Nonzero mask of every layer weight, keyed by layer id (a shared weight counts once)."""
-    out: Snapshot = {}
+def layer_weights(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """Layer id -> weight tensor object (nothing is read; a shared weight counts once)."""
+    out: dict[str, ir.TensorProtocol] = {}
     seen: set[int] = set()
     for layer in find_layers(model):
-        key = id(layer.weight)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            array = layer.weight.numpy()
-        except Exception:  # a weight that cannot be read as an array is not counted
-            continue
-        mask = np.asarray(array != 0).reshape(-1)
-        out[layer.id] = WeightMask(
-            tuple(int(d) for d in array.shape), str(array.dtype), int(mask.sum()), np.packbits(mask)
-        )
+        if id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            out[layer.id] = layer.weight
     return out
+
+
+def weight_mask(tensor: ir.TensorProtocol) -> WeightMask | None:
+    """The nonzero mask of one weight (None if it cannot be read as an array)."""
+    try:
+        array = tensor.numpy()
+    except Exception:
+        return None
+    mask = np.asarray(array != 0).reshape(-1)
+    shape = tuple(int(d) for d in array.shape)
+    return WeightMask(shape, str(array.dtype), int(mask.sum()), np.packbits(mask))
+
+
+def snapshot(model: ir.Model) -> Snapshot:
+    """Nonzero mask of every layer weight, keyed by layer id (reads every weight)."""
+    masks = {lid: weight_mask(t) for lid, t in layer_weights(model).items()}
+    return {lid: m for lid, m in masks.items() if m is not None}
 
 
 def connection_changes(before: Snapshot, after: Snapshot) -> tuple[int, int]:
@@ -108,31 +125,49 @@ class Plasticity(Instrument):
     """Connections created and pruned by each pass, and cumulated over the pipeline.
 
     Writes ``record.plasticity = {created, pruned, plasticity, model: {created, pruned,
-    plasticity}}`` where ``model`` sums every pass so far. A pass reporting ``modified=False``
-    changed nothing; its snapshot is reused, as is the last pass's "after" as the next
-    "before".
+    plasticity}}`` where ``model`` sums every pass so far. Passes never edit a weight tensor in
+    place (they give the value a new tensor), so a layer whose tensor object is the same after
+    the pass is unchanged and is not read at all: a pipeline that rewrites no weight (cleanup
+    on a memory-mapped 2 GB model) costs nothing. Only replaced weights are compared, the old
+    tensor being held until the pass ends.
     """
 
     def __init__(self) -> None:
         self.created = 0
         self.pruned = 0
-        self._last: tuple[ir.Model, Snapshot] | None = None
+        self._masks: dict[int, WeightMask | None] = {}  # id(tensor) -> mask, for live tensors
+        self._last: tuple[ir.Model, dict[str, ir.TensorProtocol]] | None = None
 
     def before(self, step: str, pass_: GSPass, model: ir.Model) -> None:
         if self._last is not None and self._last[0] is model:
             self._before = self._last[1]
         else:
-            self._before = snapshot(model)
+            self._before = layer_weights(model)
+
+    def _mask(self, tensor: ir.TensorProtocol) -> WeightMask | None:
+        key = id(tensor)
+        if key not in self._masks:
+            self._masks[key] = weight_mask(tensor)
+        return self._masks[key]
 
     def after(self, step: str, pass_: GSPass, model: ir.Model, record: PassRecord) -> None:
-        if record.modified:
-            after = snapshot(model)
-            created, pruned = connection_changes(self._before, after)
-        else:
-            after, created, pruned = self._before, 0, 0
+        after = layer_weights(model) if record.modified else self._before
+        old: Snapshot = {}
+        new: Snapshot = {}
+        for lid in set(self._before) | set(after):
+            b, a = self._before.get(lid), after.get(lid)
+            if a is b:
+                continue  # the same tensor object: untouched
+            for tensor, side in ((b, old), (a, new)):
+                mask = None if tensor is None else self._mask(tensor)
+                if mask is not None:
+                    side[lid] = mask
+        created, pruned = connection_changes(old, new)
         self.created += created
         self.pruned += pruned
         record.plasticity = {**_entry(created, pruned), "model": _entry(self.created, self.pruned)}
+        live = {id(t) for t in after.values()}
+        self._masks = {k: m for k, m in self._masks.items() if k in live}
         self._last = (model, after)
 
 
