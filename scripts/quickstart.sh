@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Install graphsurgeon, build the digits CNN example offline, run the cleanup pipeline on it
-# and then an int8 pipeline, each verified numerically against the original model.
+# The main job on a shipped example: install graphsurgeon, build the digits CNN offline, and
+# run `graphsurgeon optimize` on it with nothing but the model path (embedded defaults: this
+# machine detected as the profile, generated inputs, a 5-minute budget), then check the bundle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[examples]"
 python examples/build.py digits
-graphsurgeon inspect examples/models/digits_cnn.onnx --shape input=1x1x8x8
-graphsurgeon run cleanup examples/models/digits_cnn.onnx -o examples/models/digits_cnn.clean.onnx \
-  --verify numeric --calib examples/models/digits_test.npz --report examples/models/digits_cnn.clean.json
-graphsurgeon run examples/pipelines/digits_int8.yaml examples/models/digits_cnn.onnx \
-  -o examples/models/digits_cnn.int8.onnx --verify numeric --calib examples/models/digits_train.npz
+graphsurgeon optimize examples/models/digits_cnn.onnx -o examples/models/digits.bundle
+graphsurgeon verify examples/models/digits.bundle --reference examples/models/digits_cnn.onnx \
+  --data examples/models/digits_test.npz
+echo "open examples/models/digits.bundle/report.html for the Pareto front, baselines and decisions"
