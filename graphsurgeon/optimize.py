@@ -276,6 +276,9 @@ def optimize(config: OptimizeConfig, log: Callable[[str], None] = print) -> Opti
 
     final_metrics = recovery.get("metrics") or selection["metrics"]
     acceptance = {
+        # the limit is on the metric optimize scored with; verify checks labelled accuracy
+        # against it only when that metric was accuracy
+        "metric": final_metrics.get("metric"),
         "max_accuracy_drop": config.max_accuracy_drop,
         "min_cosine": max(
             0.0,
