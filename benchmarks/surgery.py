@@ -17,7 +17,9 @@ channels (``prune-channels``; MiniLM: its FFN neurons), each row is one pipeline
 (connections): add-skips adds dense projections, so its rows end up with more of them than
 the prune-only row of the same setting, and the table says how many.
 
-Every trained row spends the same S optimizer steps (same batch size and learning rate).
+Rows that share leading steps (the pruning, the fitted skips) run them once and continue from
+a copy; a row's time is the sum over all its steps. Every trained row spends the same S
+optimizer steps (same batch size and learning rate).
 "recovered" is the share of what prune-only lost that the row wins back:
 ``(metric - prune_only) / (original - prune_only)``. Target (issue #4): at 90% on the digits
 CNN, surgery + recovery recovers >= 50%.
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from pydantic import ValidationError
 from rich.console import Console
@@ -239,26 +242,56 @@ def variants(model: Model, setting: str, passes: dict[str, type]) -> list[tuple[
     return rows
 
 
-def run_row(model: Model, setting: str, label: str, spec: Any, steps: int) -> Row:
+class Prefixes:
+    """Rows sharing leading steps (the same pruning, the same skips) run them once: the model
+    after each prefix is kept and copied, with its records and time, for the rows after it."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, tuple[ir.Model, list[Any], float]] = {}
+
+    def run(self, model: Model, spec: list[dict]) -> tuple[ir.Model, list[Any], float]:
+        done, current, records, seconds = 0, None, [], 0.0
+        for i in range(len(spec), 0, -1):
+            hit = self.cache.get(json.dumps(spec[:i], sort_keys=True))
+            if hit is not None:
+                done, (cached, records, seconds) = i, hit
+                current = ir.from_proto(ir.to_proto(cached))
+                break
+        for i in range(done, len(spec)):
+            start = time.perf_counter()
+            result = gs.run_pipeline(
+                current if current is not None else model.path,
+                [spec[i]],
+                calib=model.calib,
+                verify="structural",
+            )
+            current, records = result.model, [*records, *result.records]
+            seconds += time.perf_counter() - start
+            key = json.dumps(spec[: i + 1], sort_keys=True)
+            self.cache[key] = (ir.from_proto(ir.to_proto(current)), records, seconds)
+        assert current is not None
+        return current, records, seconds
+
+
+def run_row(model: Model, setting: str, label: str, spec: Any, steps: int, cache: Prefixes) -> Row:
     row = Row(model.name, setting, label, train_steps=steps)
     if isinstance(spec, str):
         row.status, row.note = "not available", spec
         return row
-    start = time.perf_counter()
     try:
-        result = gs.run_pipeline(model.path, spec, calib=model.calib, verify="structural")
-        row.metric = evaluate(model, result.model)
+        onnx_model, records, seconds = cache.run(model, spec)
+        row.metric = evaluate(model, onnx_model)
     except Exception as e:  # a row that fails says so; the benchmark goes on
         row.status = "failed"
         row.note = f"{type(e).__name__}: {e}"[:300]
         traceback.print_exc(limit=3)
         return row
-    row.time_s = round(time.perf_counter() - start, 2)
-    conn = summarize(result.records)
+    row.time_s = round(seconds, 2)
+    conn = summarize(records)
     row.created, row.pruned, row.plasticity = conn["created"], conn["pruned"], conn["plasticity"]
-    row.params = result.records[-1].after.params if result.records[-1].after else None
-    row.nonzero = sum(m.nonzero for m in snapshot(result.model).values())
-    notes = [r.notes for r in result.records]
+    row.params = records[-1].after.params if records[-1].after else None
+    row.nonzero = sum(m.nonzero for m in snapshot(onnx_model).values())
+    notes = [r.notes for r in records]
     for n in notes:
         if "skips" in n:
             row.note = "skips " + ", ".join(
@@ -384,9 +417,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             original = evaluate(model, gs.load(model.path))  # MiniLM: its own reference, 1.0
             start = time.perf_counter()
             rows: list[Row] = []
+            cache = Prefixes()
             for setting in settings:
                 for label, spec, n in variants(model, setting, passes):
-                    row = run_row(model, setting, label, spec, n)
+                    row = run_row(model, setting, label, spec, n, cache)
                     rows.append(row)
                     console.print(
                         f"  {name} {setting} {label}: "
