@@ -370,6 +370,26 @@ def test_qdq_model_is_fake_quant_and_keeps_its_int8_form(digits) -> None:
     assert np.abs(ort_after - torch_after).mean() < 0.01
 
 
+@pytest.mark.parametrize("pipeline", ["quantize-dynamic", "share-weights"])
+def test_compressed_digits_forms_match_onnxruntime(digits, pipeline: str) -> None:
+    """DynamicQuantizeLinear/ConvInteger/MatMulInteger and codebook-decoded weights."""
+    model = gs.run_pipeline(gs.load(digits["model"]), pipeline).model
+    x = np.load(digits["test"])["input"][:32]
+    assert_matches_ort(model, {"input": x})
+
+
+def test_matmulnbits_matches_onnxruntime() -> None:
+    model = make_model(
+        [oh.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+        [vi("x", [2, 64])],
+        [vi("y", [2, 32])],
+        [("W", rand(64, 32))],
+    )
+    gs.run_pipeline(model, [{"name": "quantize-weights", "options": {"bits": 4}}])
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"]
+    assert_matches_ort(model, {"x": rand(2, 64)})
+
+
 # -- errors and extension -----------------------------------------------------------------------
 def test_unsupported_op_names_op_domain_and_node() -> None:
     model = make_model(

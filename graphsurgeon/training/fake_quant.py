@@ -25,6 +25,7 @@ import onnx_ir as ir
 import torch
 
 from graphsurgeon.training.ops import Tensor, attr, op, torch_dtype
+from graphsurgeon.training.ops_nn import conv
 
 _RANGES = {
     torch.int8: (-128, 127),
@@ -110,6 +111,40 @@ def _matmul_integer_to_float(ctx, node, x):
     a, b, a_scale, b_scale, a_zero, b_zero, bias = x[:7]
     y = dequantize(a, a_scale, a_zero, -1) @ dequantize(b, b_scale, b_zero, -1)
     return [y if bias is None else y + bias]
+
+
+@op("DynamicQuantizeLinear")
+def _dynamic_quantize_linear(ctx, node, x):
+    """uint8 with a range that always holds zero, computed from the tensor itself (ONNX spec);
+    the range is treated as a constant for the gradient, the rounding as the identity."""
+    t = x[0]
+    low = torch.clamp(t.detach().min(), max=0.0)
+    high = torch.clamp(t.detach().max(), min=0.0)
+    scale = ((high - low) / 255.0).to(t.dtype)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.clamp(torch.round(-low / scale), 0, 255).to(torch.uint8)
+    return [fake_quantize(t, scale, zero, torch.uint8, 1), scale, zero]
+
+
+def _shifted(q: Tensor, zero: Tensor | None, axis: int) -> Tensor:
+    out = q.to(torch.float32)
+    if zero is not None:
+        out = out - _per_axis(zero, q.dim(), axis).to(torch.float32)
+    return out
+
+
+@op("MatMulInteger")
+def _matmul_integer(ctx, node, x):
+    """``(A - a_zp) @ (B - b_zp)``; int32 in ONNX, kept in float here so gradients pass (exact
+    while the sums stay below 2^24)."""
+    x = list(x) + [None] * (4 - len(x))
+    return [_shifted(x[0], x[2], -2) @ _shifted(x[1], x[3], -1)]
+
+
+@op("ConvInteger")
+def _conv_integer(ctx, node, x):
+    x = list(x) + [None] * (4 - len(x))
+    return conv(ctx, node, [_shifted(x[0], x[2], 1), _shifted(x[1], x[3], 0)])
 
 
 @op("MatMulNBits", domain="com.microsoft")

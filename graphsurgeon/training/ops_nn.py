@@ -59,7 +59,7 @@ def _window(node, x: Tensor, kernel: list[int]) -> tuple[list[int], list[int], l
 
 
 @op("Conv")
-def _conv(ctx, node, x):
+def conv(ctx, node, x):
     data, weight = x[0], x[1]
     bias = x[2] if len(x) > 2 else None
     kernel = list(weight.shape[2:])
