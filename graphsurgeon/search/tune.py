@@ -182,6 +182,10 @@ def tune(
     if "accuracy_drop" not in keys:
         keys = ["accuracy_drop", *keys]  # the search never goes blind on accuracy
     constraints = Constraints(max_accuracy_drop, max_latency, max_size)
+    from graphsurgeon.profiles import load_profile
+
+    load_profile(profile)  # a bad profile fails before anything is written
+    get_strategy(strategy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = EvalConfig(
