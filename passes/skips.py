@@ -189,6 +189,7 @@ class AddSkips(GSPass):
         order = {node: i for i, node in enumerate(model.graph)}
         chosen.sort(key=lambda p: order[p.dst.node])
         rng = np.random.default_rng(opts.seed)
+        targets = _reference_targets(reference, chosen, feeds) if reference is not None else {}
         report = []
         for i, p in enumerate(chosen):
             entry = {
@@ -199,7 +200,7 @@ class AddSkips(GSPass):
             }
             fitted = None
             if reference is not None:
-                fitted = self._fit(model, reference, feeds, p, entry)
+                fitted = self._fit(model, targets.get(p.dst.id), feeds, p, entry)
             entry["params_added"] = _insert(model, p, i, fitted, opts.granularity, rng)
             report.append(entry)
         self.note("skips", report)
@@ -257,16 +258,15 @@ class AddSkips(GSPass):
         )
 
     def _fit(
-        self, model: ir.Model, reference: ir.Model, feeds, p: _Pair, entry: dict
+        self, model: ir.Model, ref: np.ndarray | None, feeds, p: _Pair, entry: dict
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Ridge least squares of the destination's lost residual on the source features."""
-        dst_name = p.dst.node.outputs[0].name
-        ref_value = _reference_value(reference, p.dst)
-        if ref_value is None:
+        """Ridge least squares of the destination's lost residual on the source features
+        (the current model's, with the skips fitted before this one in place)."""
+        if ref is None:
             entry["fit"] = "no matching layer in the reference: gain 0"
             return None
+        dst_name = p.dst.node.outputs[0].name
         cur = collect_activations(model, feeds, [p.src_out.name, dst_name])
-        ref = collect_activations(reference, feeds, [ref_value.name])[ref_value.name]
         if ref.shape != cur[dst_name].shape:
             entry["fit"] = f"reference shape {list(ref.shape)} differs: gain 0"
             return None
@@ -407,6 +407,14 @@ def _normalized(x: np.ndarray, rng: np.random.Generator, per_channel: int = 512)
     picked = x[rng.choice(len(x), rows, replace=False)] if rows < len(x) else x
     rms = math.sqrt(float((x**2).mean())) or 1.0
     return (picked / rms).ravel()
+
+
+def _reference_targets(reference: ir.Model, pairs: list[_Pair], feeds) -> dict[str, np.ndarray]:
+    """Destination layer id -> its output in the reference model, in one run."""
+    values = {p.dst.id: _reference_value(reference, p.dst) for p in pairs}
+    found = {lid: v for lid, v in values.items() if v is not None}
+    acts = collect_activations(reference, feeds, sorted({v.name for v in found.values()}))
+    return {lid: acts[v.name] for lid, v in found.items()}
 
 
 def _reference_value(reference: ir.Model, dst: Layer) -> ir.Value | None:
