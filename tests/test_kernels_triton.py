@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -253,6 +255,18 @@ def test_load_lowered_runs_the_custom_ops_with_the_kernels():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_kernel_skips_the_sums_zero_points_cancel():
+    """No zero points (symmetric int8) and a uint8 A with zero point 128: no row/column sums."""
+    a8 = RNG.integers(-128, 128, (5, 40)).astype(np.int8)
+    u8 = RNG.integers(0, 256, (5, 40)).astype(np.uint8)
+    b = RNG.integers(-128, 128, (40, 20)).astype(np.int8)
+    config = {"BM": 16, "BN": 16, "BK": 32, "GROUP_M": 2, **_small()}
+    got = ops.int8_matmul(T(a8), T(b), config=config).cpu().numpy()
+    np.testing.assert_array_equal(got, ref.int8_matmul(a8, b))
+    got = ops.int8_matmul(T(u8), T(b), 128, 0, config=config).cpu().numpy()
+    np.testing.assert_array_equal(got, ref.int8_matmul(u8, b, 128, 0))
+
+
 # -- errors, autotune -------------------------------------------------------------------------
 def test_without_gpu_or_interpreter_the_error_says_so(monkeypatch):
     if torch.cuda.is_available():
@@ -299,6 +313,21 @@ def test_autotune_cache_is_per_profile_and_shape_bucket(tmp_path):
 
 def _small() -> dict[str, int]:
     return {"num_warps": 4, "num_stages": 2}
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Each kernel compiles through Triton's GPU pipeline to an sm_90 cubin (bundled ptxas, no
+    GPU needed): what the interpreter cannot check. Default configs use no spill stack."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "graphsurgeon.kernels.triton.aot", "--arch", "90"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if "sm_90" in line]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(lines) == 6 and all(line.startswith("ok") for line in lines), done.stdout
+    assert all("spill_stack 0," in line for line in lines), done.stdout
+    assert sum("mma wgmma" in line for line in lines) == 4  # Hopper tensor cores
 
 
 # -- on a GPU ---------------------------------------------------------------------------------

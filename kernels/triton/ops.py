@@ -173,18 +173,23 @@ def int8_matmul(
             f"B must be a 2-D int8 tensor (got {b.dtype} {list(b.shape)}); lower-kernels "
             "stores a uint8 B as int8")  # fmt: skip
     k, n = b.shape
-    a_z = 0 if a_zero is None else int(torch.as_tensor(a_zero).reshape(-1)[0])
-    if a_zero is not None:
-        _expect(torch.as_tensor(a_zero).numel() == 1, what, "a_zero_point must be a scalar")
-    bz = torch.zeros(1, dtype=torch.int32) if b_zero is None else torch.as_tensor(b_zero)
+    unsigned = a.dtype == torch.uint8
+    # Zero points given as tensors stay on the device (no sync); the sums they need are only
+    # skipped when they are known (python ints or absent) to cancel.
+    az = torch.as_tensor(0 if a_zero is None else a_zero, device=a.device)
+    _expect(az.numel() == 1, what, "a_zero_point must be a scalar")
+    az = az.reshape(1).to(torch.int32)
+    col_sum = not (a_zero is None or isinstance(a_zero, int)) or (a_zero or 0) != 128 * unsigned
+    bz = torch.as_tensor(0 if b_zero is None else b_zero, device=b.device)
     _expect(bz.numel() in (1, n), what, f"b_zero_point must be a scalar or have N={n} entries")
-    bz = bz.reshape(-1).to(device=b.device, dtype=torch.int32).contiguous()
+    bz = bz.reshape(-1).to(torch.int32).contiguous()
+    row_sum = not (b_zero is None or (isinstance(b_zero, int) and b_zero == 0))
     a2 = _rows(a, k, what)
     m = a2.shape[0]
 
     def run(cfg: dict[str, Any]) -> torch.Tensor:
         y = torch.empty((m, n), dtype=torch.int32, device=a.device)
-        int8_gemm.launch(a2, b, a_z, bz, y, config=cfg)
+        int8_gemm.launch(a2, b, az, bz, y, row_sum=row_sum, col_sum=col_sum, config=cfg)
         return y
 
     if config is None:

@@ -6,10 +6,11 @@ The kernels read MatMulNBits tensors as ORT stores them (see
 default ``2^(bits-1)``. Nothing is repacked.
 
 Math per K-tile: a tile never straddles a quantization block (``BK`` divides
-``block_size``), so its scale and zero are one value per output column and factor out of
-the sum: ``sum_k x_k (c_kn - z_n) s_n = s_n * sum_k x_k (c_kn - z_n)``. The integer
-differences ``c - z`` (|.| <= 255) are exact in fp16/bf16, the dot accumulates in fp32, and the
-scale is applied once per tile in fp32.
+``block_size``), so its scale and zero are one value per output column, loaded once per tile.
+The GEMM dequantizes ``(c - z) * s`` into the activations' dtype (fp16/bf16: the rounding
+of any W4A16 kernel) and accumulates ``tl.dot`` in fp32 in place (one accumulator: a second
+one for per-tile scaling spilled registers at 64x128 tiles on sm_90). The GEMV is CUDA-core
+work: it sums ``x_k (c_kn - z_n)`` in fp32 and scales once per tile, ``s_n * sum_k ...``.
 
 Bytes are loaded whole (``[BK * bits / 8, BN]``, contiguous along K, so loads vectorize); the
 ``8 / bits`` codes of a byte are peeled off with shifts, and each is matched with the
@@ -68,7 +69,6 @@ def _nbits_gemm(
             zero = ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
         else:
             zero = 1 << (BITS - 1)
-        tile = tl.zeros((BM, BN), dtype=tl.float32)
         for j in tl.static_range(per_byte):  # code j of each byte is k = k0 + j + per_byte * i
             kk = k0 + j + rb * per_byte
             x = tl.load(
@@ -76,12 +76,11 @@ def _nbits_gemm(
                 mask=(rm[:, None] < M) & (kk[None, :] < K),
                 other=0.0,
             )
-            w = (((byte >> (j * BITS)) & code_mask) - zero).to(x.dtype)
-            if IEEE:
-                tile += tl.dot(x, w, input_precision="ieee")
+            w = ((((byte >> (j * BITS)) & code_mask) - zero) * scale[None, :]).to(x.dtype)
+            if IEEE:  # noqa: SIM108 (a constexpr branch: one dot is compiled)
+                acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
-                tile += tl.dot(x, w)
-        acc += tile * scale[None, :]
+                acc = tl.dot(x, w, acc)
     tl.store(
         y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
@@ -141,13 +140,14 @@ nbits_gemm = LazyKernel(_nbits_gemm)
 nbits_gemv = LazyKernel(_nbits_gemv)
 
 #: Launch configs tried by the autotuner (the first is the default without tuning).
-GEMM_CONFIGS = [
+GEMM_CONFIGS = [  # none spills registers on sm_90 (checked with kernels/triton/aot.py)
     {"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
-    {"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
-    {"BM": 32, "BN": 64, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
-    {"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 32, "BN": 64, "BK": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BM": 128, "BN": 256, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
 GEMV_CONFIGS = [
     {"BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 4},
