@@ -316,3 +316,18 @@ def test_lowered_from_metadata_is_json():
         "op": "MatMulNBits",
         "accuracy_level": 0,
     }
+
+
+def test_digits_quantize_dynamic_lowers_to_int8(digits):
+    """quantize-dynamic's MatMulInteger (uint8 activations from DynamicQuantizeLinear, int8
+    weights) -> MatMulInt8: the same logits, bit for bit, and back."""
+    model = gs.run_pipeline(gs.load(digits["model"]), {"steps": ["cleanup", "quantize-dynamic"]})
+    model = model.model
+    feeds = load_npz(digits["test"], model).feeds(16, batch_size=16)[0]
+    before = ort(model, feeds)["logits"]
+    lower = LowerKernels()
+    lower(model)
+    assert lower.report()["lowered"] == {"MatMulInt8": 2}
+    np.testing.assert_array_equal(lowered_outputs(model, feeds)["logits"], before)
+    RaiseKernels()(model)
+    np.testing.assert_array_equal(ort(model, feeds)["logits"], before)
