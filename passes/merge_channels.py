@@ -40,13 +40,21 @@ from graphsurgeon.passes.channel_pruning import (
 
 from graphsurgeon.channel_deps import ChannelGroup, Occurrence
 from graphsurgeon.layers import layer_id
-from graphsurgeon.options import FloatRange, IntRange, option
+from graphsurgeon.options import Choice, FloatRange, IntRange, option
 from graphsurgeon.registry import register
 
 _MAX_ROWS = 8192  # samples per unit for the correlations (the fit is 1-D: plenty)
 
 
 class MergeChannelsOptions(PruneChannelsOptions):
+    importance: Literal["l1", "l2", "bn_scale", "activation", "redundancy"] = option(
+        "redundancy",
+        "Unit ranking: prune-channels' l1/l2/bn_scale/activation, or redundancy: units are "
+        "removed one at a time, each time the one whose merge loses least, l1 norm of its "
+        "consumer weights x sqrt(1 - corr^2) with its best surviving partner (a duplicate goes, "
+        "its twin stays).",
+        Choice(["l1", "l2", "bn_scale", "activation", "redundancy"]),
+    )
     reconstruct: Literal[False] = option(
         False,
         "prune-channels' refit of the consumers; merge-channels compensates by folding "
@@ -98,6 +106,25 @@ class MergeChannels(PruneChannels):
                     return f"merge: {node.op_type} combines the channels without a weight"
         return None
 
+    # -- which units ------------------------------------------------------------------
+    def _choose(self, groups: list[ChannelGroup], scores: list[np.ndarray]) -> list[np.ndarray]:
+        """prune-channels' counts; with redundancy importance, its own greedy pick of units."""
+        chosen = super()._choose(groups, scores)
+        out = []
+        for group, units in zip(groups, chosen, strict=True):
+            kind = self.options_for(self._id(group.leader)).importance
+            if kind != "redundancy" or not len(units) or not group.consumers:
+                out.append(units)
+                continue
+            node, occ = group.consumers[0]
+            picked = _greedy(self._acts[occ.value.name], occ, group, node, len(units))
+            out.append(units if picked is None else picked)
+        return out
+
+    def _activations(self, model: ir.Model, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
+        self._acts = super()._activations(model, groups)
+        return self._acts
+
     # -- merging ------------------------------------------------------------------------
     def _before_removal(
         self,
@@ -148,13 +175,7 @@ class MergeChannels(PruneChannels):
         stay = [int(u) for u in kept if int(u) in present]
         if not gone:
             return []
-        k = occ.positions.shape[1]
-        flat = np.moveaxis(x, occ.axis, 0).reshape(x.shape[occ.axis], -1)
-        cols = flat.shape[1]
-        take = max(1, _MAX_ROWS // k)
-        if cols > take:
-            flat = flat[:, np.random.default_rng(0).choice(cols, take, replace=False)]
-        samples = flat.astype(np.float64)[occ.positions]  # [units on occ, k, M]
+        samples = _unit_samples(x, occ)  # [units on occ, k, M]
         mean = samples.mean(axis=2, keepdims=True)  # per position: beta is per position
         centred = samples - mean
         rows_g = np.stack([centred[present[u]].ravel() for u in gone])
@@ -189,6 +210,55 @@ class MergeChannels(PruneChannels):
                     continue
             out.append(_Merge(occ.positions[present[r]], None, 0.0, m_r, 0.0, 0.0))
         return out
+
+
+def _unit_samples(x: np.ndarray, occ: Occurrence) -> np.ndarray:
+    """[units on occ, k, M] float64 samples of each unit's k positions (M rows, capped)."""
+    k = occ.positions.shape[1]
+    flat = np.moveaxis(x, occ.axis, 0).reshape(x.shape[occ.axis], -1)
+    take = max(1, _MAX_ROWS // k)
+    if flat.shape[1] > take:
+        flat = flat[:, np.random.default_rng(0).choice(flat.shape[1], take, replace=False)]
+    return flat.astype(np.float64)[occ.positions]
+
+
+def _greedy(
+    x: np.ndarray, occ: Occurrence, group: ChannelGroup, node: ir.Node, count: int
+) -> np.ndarray | None:
+    """Remove ``count`` units one by one, each time the cheapest to merge: its weight norm
+    at the consumer times sqrt(1 - corr^2) with its best partner among the units left."""
+    if len(occ.units) != group.units or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return None  # the first consumer does not see every unit: keep prune-channels' pick
+    samples = _unit_samples(x, occ)
+    c = (samples - samples.mean(axis=2, keepdims=True)).reshape(len(samples), -1)
+    norm = np.sqrt((c**2).sum(axis=1))
+    corr = (c @ c.T) / np.maximum(np.outer(norm, norm), 1e-30)
+    np.fill_diagonal(corr, 0.0)
+    w = ir.convenience.get_const_tensor(node.inputs[1]).numpy()
+    if node.op_type == "Conv":
+        w_in = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+    elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        w_in = w.T
+    else:
+        w_in = w
+    per_position = np.abs(w_in).sum(axis=1)
+    weight = np.array([per_position[p].sum() for p in occ.positions])
+    scale = np.sqrt((samples**2).mean(axis=(1, 2)))  # RMS activation of each unit
+    base = weight * scale
+    corr = np.abs(corr)
+    alive = np.ones(len(base), dtype=bool)
+    best = corr.argmax(axis=1)  # each unit's best partner among the units alive
+    removed = []
+    for _ in range(count):
+        partner = np.maximum(corr[np.arange(len(base)), best], 0.0)
+        cost = np.where(alive, base * np.sqrt(np.clip(1 - partner**2, 0.0, 1.0)), np.inf)
+        u = int(np.argmin(cost))
+        alive[u] = False
+        corr[:, u] = -1.0  # no longer a partner
+        stale = np.flatnonzero(alive & (best == u))
+        best[stale] = corr[stale].argmax(axis=1)
+        removed.append(int(occ.units[u]))
+    return np.sort(np.asarray(removed, dtype=np.int64))
 
 
 class _Merge:
