@@ -306,8 +306,14 @@ def test_autotune_cache_is_per_profile_and_shape_bucket(tmp_path):
         assert autotune.choose("k|m2", candidates) == {"BM": 16}  # a cached config wins
         autotune.use_profile("other")
         assert autotune.choose("k|m2", candidates) == {"BM": 64}
+        bundle = tmp_path / "bundle" / "triton" / "tuned"  # a bundle ships its tuned configs
+        bundle.mkdir(parents=True)
+        (bundle / "other.json").write_text(json.dumps(tuned))
+        autotune.use_cache_dir(bundle)
+        assert autotune.choose("k|m2", candidates) == {"BM": 16}
     finally:
         autotune.use_profile(None)
+        autotune.use_cache_dir(None)
         autotune._loaded.clear()
 
 

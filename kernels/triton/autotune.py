@@ -5,7 +5,8 @@ The cache is one JSON file per profile, ``<cache dir>/<profile>.json``::
     {"profile": "h100-sxm", "device": "NVIDIA H100 80GB HBM3",
      "configs": {"w4a16_gemv|m1|n4096|k4096|b4|g32": {"config": {...}, "ms": 0.012}, ...}}
 
-The directory is ``$GRAPHSURGEON_TRITON_CACHE`` or ``~/.cache/graphsurgeon/triton``; the
+The directory is the one given to :func:`use_cache_dir` (a bundle's ``triton/tuned``), else
+``$GRAPHSURGEON_TRITON_CACHE``, else ``~/.cache/graphsurgeon/triton``; the
 profile is the one given to :func:`use_profile` (``graphsurgeon compile --profile``), else
 ``$GRAPHSURGEON_PROFILE``, else ``default``. M is bucketed to the next power of two (the
 config that suits 48 rows suits 64), N and K are kept exact (they are the weight's).
@@ -28,14 +29,22 @@ from typing import Any
 
 from graphsurgeon.kernels.triton._runtime import interpreting
 
-_state: dict[str, Any] = {"profile": None, "tune": None}
+_state: dict[str, Any] = {"profile": None, "tune": None, "dir": None}
 _lock = threading.Lock()
 _loaded: dict[Path, dict[str, Any]] = {}
 
 
 def cache_dir() -> Path:
+    if _state["dir"] is not None:
+        return Path(_state["dir"])
     env = os.environ.get("GRAPHSURGEON_TRITON_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "graphsurgeon" / "triton"
+
+
+def use_cache_dir(path: str | os.PathLike | None) -> None:
+    """Read (and write) tuned configs in ``path``, e.g. a bundle's ``triton/tuned`` folder
+    (None: back to the environment/default)."""
+    _state["dir"] = None if path is None else Path(path)
 
 
 def use_profile(name: str | None) -> None:

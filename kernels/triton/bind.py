@@ -93,12 +93,22 @@ def register() -> None:
 
 
 def load_lowered(
-    model: ir.Model, *, device: str | None = None, half: bool = True
+    model: ir.Model,
+    *,
+    device: str | None = None,
+    half: bool = True,
+    profile: str | None = None,
+    tuned_dir: str | Path | None = None,
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A callable ``feeds -> outputs`` (numpy in, numpy out, the model's names) that runs
     ``model`` with the Triton kernels on ``device`` (default: cuda, or cpu when
     ``TRITON_INTERPRET=1``). ``half`` runs float activations and weights in float16 (the "A16"
-    of the kernels; float outputs are returned as float32)."""
+    of the kernels; float outputs are returned as float32). ``profile`` and ``tuned_dir``
+    choose the tuned launch configs (a bundle passes its profile and ``triton/tuned``)."""
+    if profile is not None:
+        autotune.use_profile(profile)
+    if tuned_dir is not None:
+        autotune.use_cache_dir(tuned_dir)
     if device is None:
         if interpreting():
             device = "cpu"
