@@ -293,3 +293,31 @@ def test_ray_executor_on_a_local_head(monkeypatch: pytest.MonkeyPatch) -> None:
         assert dict(executor.map_unordered(abs, [-1, -2])) == {0: 1, 1: 2}
     finally:
         executor.close()
+
+
+# -- end to end ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ppo", "bo"])
+def test_tune_on_the_digits_cnn_resumes(strategy: str, digits, tmp_path) -> None:
+    """`graphsurgeon tune --strategy ppo|bo`: real evaluations, the agent's state saved in the
+    policy database after each batch and restored by --resume."""
+    from graphsurgeon.cli import main
+    from graphsurgeon.search.db import PolicyDB
+
+    out = tmp_path / strategy
+    args = [
+        "tune", str(digits["model"]), "--profile", "x86-avx512-vnni",
+        "--calib", str(digits["train"]), "--eval", str(digits["test"]),
+        "--methods", "prune-magnitude,share-weights", "--measure-front", "1",
+        "--strategy", strategy, "--strategy-option", "n_startup_trials=2" if strategy == "bo"
+        else "episodes=3", "-o", str(out), "-q",
+    ]  # fmt: skip
+    assert main([*args, "--budget", "6"]) == 0
+    db = PolicyDB(f"sqlite:///{out / 'search.db'}")
+    state = db.study(strategy).strategy_state
+    assert state["told"] == 6
+    db.close()
+    assert main([*args, "--budget", "9", "--resume"]) == 0
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto["evaluations"] == 9 and pareto["front"]
+    assert (out / "best.onnx").exists()

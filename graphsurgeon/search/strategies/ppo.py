@@ -9,17 +9,21 @@ and then the chosen method's parameters, each from its own head: choices exactly
 floats as ``bins`` equal-width bins of the gene. Genes are written at bin centres, which is the
 interval ``SearchSpace.decode`` reads back. The episode's only reward arrives at the end.
 
-Reward (higher is better), from the raw objectives of :meth:`tell`::
+Reward (higher is better) of one evaluated policy::
 
-    r = -accuracy_drop                          (robustness_drop too when it is an objective)
-        - lam * (latency/ref + size/ref [+ energy/ref])   costs relative to the reference
+    r = base
         - removal_penalty * (fraction of slots removed)    removal is the least reversible act
         - complexity_weight * (fraction of slots acted on) fewer steps: simpler, safer pipelines
-        + diversity_weight * (mean action distance to the rest of the batch)   keeps exploring
+        + diversity_weight * (mean method distance to the rest of the batch)   keeps exploring
 
-A cost's reference is the first batch's median of that objective (or ``reference``), so
-``lam`` weighs relative savings against the absolute accuracy drop. A failed policy scores
-``failure_penalty`` below the worst reward seen.
+``base`` is the search's own scalarization ``score["reward"]`` by default: ``-(accuracy_drop
++ lambda * mean(cost / original model's cost)) - 10 * constraint violation``, with the
+user's ``--lambda``. When ``lam`` is given to the strategy (``--strategy-option lam=..`` or
+``--tune-search``) or a score has no ``reward``, the agent scalarizes the raw objectives
+itself: ``-accuracy_drop [- robustness_drop] - lam * mean(cost / reference) - 10 *
+violation``, over the cost objectives asked for (latency, size, and energy when requested);
+a cost's reference is ``reference[k]`` or else the first batch's median. A failed policy
+scores ``failure_penalty`` below the worst reward seen.
 
 Training is PPO (Schulman et al. 2017): advantages by GAE over the slot steps (gamma 1) on
 rewards standardized by running statistics, the clipped surrogate objective, a value baseline
@@ -46,7 +50,6 @@ from graphsurgeon.search.space import SearchSpace
 from graphsurgeon.search.strategies.base import Score, Strategy
 
 _COSTS = ("latency_ms", "size_bytes", "energy_mj")
-_DROPS = ("accuracy_drop", "robustness_drop")
 
 
 @dataclass
@@ -126,6 +129,48 @@ class _Controller(nn.Module):
             nn.init.zeros_(head.bias)
 
 
+class _Adam:
+    """Adam (Kingma and Ba 2015) written out: ``torch.optim`` imports ``torch._dynamo`` on its
+    first use, seconds of start-up for a controller of a few ten thousand weights."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t  # bias corrections of the zero-initialized moments
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.sub_(self.lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t = int(state["t"])
+        for mine, saved in ((self.m, state["m"]), (self.v, state["v"])):
+            for a, b in zip(mine, saved, strict=True):
+                a.copy_(b)
+
+
 def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, -1e9)
 
@@ -135,7 +180,8 @@ class PPOStrategy(Strategy):
 
     name: ClassVar[str] = "ppo"
     hyperparameters: ClassVar[dict[str, FloatRange | IntRange | Choice]] = {
-        "lam": FloatRange(0.01, 2.0, log=True),
+        "lam": FloatRange(0.01, 4.0, log=True),
+        "episodes": IntRange(4, 128, log=True),
         "lr": FloatRange(3e-4, 3e-2, log=True),
         "entropy_coef": FloatRange(1e-4, 0.05, log=True),
         "clip": FloatRange(0.05, 0.4),
@@ -148,7 +194,8 @@ class PPOStrategy(Strategy):
         "diversity_weight": FloatRange(0.0, 0.1),
     }
     defaults: ClassVar[dict[str, Any]] = {
-        "lam": 0.5,
+        "lam": None,  # None: the search's reward (its --lambda)
+        "episodes": 16,
         "lr": 5e-3,
         "entropy_coef": 0.01,
         "clip": 0.2,
@@ -173,7 +220,8 @@ class PPOStrategy(Strategy):
     ) -> None:
         super().__init__(space, objectives, seed=seed, **hyper)
         h = {**self.defaults, **hyper}
-        self.lam = float(h["lam"])
+        self.lam = None if h["lam"] is None else float(h["lam"])
+        self.pop_size = int(h["episodes"])  # the batch the tune loop asks for: one PPO update
         self.lr = float(h["lr"])
         self.entropy_coef = float(h["entropy_coef"])
         self.clip = float(h["clip"])
@@ -194,12 +242,14 @@ class PPOStrategy(Strategy):
             raise GraphSurgeonError("ppo: the search space has no slots")
         torch.set_num_threads(1)
         self.layout = _layout(space, self.bins)
-        feats = np.nan_to_num(np.asarray(space.features(), dtype=np.float32))
+        feats = np.nan_to_num(
+            np.asarray(space.features(), dtype=np.float32), posinf=0.0, neginf=0.0
+        )
         feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
         self.features = torch.as_tensor(np.clip(feats, -5.0, 5.0), dtype=torch.float32)
         torch.manual_seed(seed)  # the initial weights are part of the seed
         self.net = _Controller(self.features.shape[1], self.layout, int(h["hidden"]))
-        self.optim = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        self.optim = _Adam(list(self.net.parameters()), lr=self.lr)
         self.gen = torch.Generator().manual_seed(seed)
         self.reward_stats = [0, 0.0, 0.0]  # Welford: count, mean, M2
         self.worst = math.inf
@@ -298,14 +348,20 @@ class PPOStrategy(Strategy):
     # -- rewards ----------------------------------------------------------------------
     def reward(self, x: np.ndarray, score: Score) -> float:
         """The scalar reward of one evaluated vector (module docstring: each term and why)."""
-        r = -sum(float(score.get(k, 0.0)) for k in _DROPS if k in self.objectives)
-        if "accuracy_drop" not in self.objectives and "accuracy_drop" in score:
-            r -= float(score["accuracy_drop"])
-        cost = 0.0
-        for k in _COSTS:
-            if k in self.objectives and k in score:
-                cost += float(score[k]) / max(self.reference.get(k, 1.0), 1e-12)
-        r -= self.lam * cost
+        if self.lam is None and "reward" in score:
+            r = float(score["reward"])
+        else:
+            r = -float(score.get("accuracy_drop", 0.0))
+            if "robustness_drop" in self.objectives:
+                r -= float(score.get("robustness_drop", 0.0))
+            costs = [
+                float(score[k]) / max(self.reference.get(k, 1.0), 1e-12)
+                for k in _COSTS
+                if k in self.objectives and k in score
+            ]
+            lam = 1.0 if self.lam is None else self.lam
+            r -= lam * (float(np.mean(costs)) if costs else 0.0)
+            r -= 10.0 * float(score.get("violation", 0.0))
         policy = self.space.decode(x)
         n = max(len(policy.decisions), 1)
         removed = sum(d.method == "remove" for d in policy.decisions)
