@@ -378,6 +378,25 @@ def test_compressed_digits_forms_match_onnxruntime(digits, pipeline: str) -> Non
     assert_matches_ort(model, {"input": x})
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_train_in_float32_and_keep_their_dtype(digits, dtype) -> None:
+    model = gs.run_pipeline(
+        gs.load(digits["model"]), [{"name": "cast-precision", "options": {"dtype": dtype}}]
+    ).model
+    dtypes = {n: v.const_value.dtype for n, v in model.graph.initializers.items()}
+    assert ir.DataType[dtype.upper()] in dtypes.values()
+    before = serialized(model)
+    module = to_torch(model)
+    assert module.write_back(model) == [] and serialized(model) == before
+    x = np.load(digits["test"])["input"][:16]
+    _train_a_little(module, {"input": x})
+    changed = module.write_back(model)
+    assert any(dtypes[n] == ir.DataType[dtype.upper()] for n in changed)
+    assert {n: v.const_value.dtype for n, v in model.graph.initializers.items()} == dtypes
+    expected = run(make_session(model), {"input": x})["logits"]
+    np.testing.assert_allclose(torch_outputs(module, {"input": x})["logits"], expected, atol=1e-4)
+
+
 def test_matmulnbits_matches_onnxruntime() -> None:
     model = make_model(
         [oh.make_node("MatMul", ["x", "W"], ["y"], name="fc")],

@@ -40,6 +40,7 @@ _FLOAT = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
 # (op, input index) pairs whose initializer operands are not trained
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _FROZEN_INPUTS = {
     ("BatchNormalization", 3),
     ("BatchNormalization", 4),
@@ -90,20 +91,23 @@ class GraphModule(nn.Module):
         self.params = nn.ParameterList()
         self.param_index: dict[str, int] = {}
         self._buffer_names: dict[str, str] = {}
-        self._originals: dict[str, np.ndarray] = {}
+        self._half: dict[str, torch.dtype] = {}  # fp16/bf16 initializers trained in float32
         for name, value in graph.initializers.items():
             if value.const_value is None:
                 continue
             array = value.const_value.numpy()
-            self._originals[name] = array
             if name in self.quant:
                 shadow = torch.from_numpy(np.array(self.quant[name].dequantize(array)))
                 self._add_param(name, shadow, trainable)
+            elif value.dtype in _HALF and name not in frozen:
+                # float32 master weights: Adam's updates (and eps) vanish in 16-bit floats
+                self._add_param(name, torch.from_numpy(array.astype(np.float32)), trainable)
+                self._half[name] = torch_dtype(value.dtype)
             elif value.dtype in _FLOAT and name not in frozen:
-                self._add_param(name, torch.from_numpy(np.array(array)), trainable)
+                self._add_param(name, _tensor(array), trainable)
             else:
                 key = f"buffer_{len(self._buffer_names)}"
-                self.register_buffer(key, torch.from_numpy(np.array(array)), persistent=False)
+                self.register_buffer(key, _tensor(array), persistent=False)
                 self._buffer_names[name] = key
         self.masks: dict[str, torch.Tensor] = {}
         self.mask_layers: dict[str, str] = {}  # layer id -> parameter name
@@ -208,7 +212,9 @@ class GraphModule(nn.Module):
     def _initializer(self, name: str) -> torch.Tensor:
         if name in self.param_index:
             param = self.param(name)
-            return self.quant[name].fake(param) if name in self.quant else param
+            if name in self.quant:
+                return self.quant[name].fake(param)
+            return param.to(self._half[name]) if name in self._half else param
         return getattr(self, self._buffer_names[name])
 
     def forward(
@@ -256,8 +262,9 @@ class GraphModule(nn.Module):
             value = initializers.get(name)
             if value is None or value.const_value is None:
                 raise GraphSurgeonError(f"training bridge: the model has no initializer {name!r}")
-            old = self._originals[name]
-            array = param.detach().cpu().numpy()
+            old = value.const_value.numpy()
+            array = param.detach().cpu()
+            array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
             new = (
                 self.quant[name].quantize(array) if name in self.quant else array.astype(old.dtype)
             )
@@ -269,7 +276,6 @@ class GraphModule(nn.Module):
             if new.tobytes() == np.ascontiguousarray(old).tobytes():
                 continue
             value.const_value = ir.tensor(np.ascontiguousarray(new), name=name)
-            self._originals[name] = new
             changed.append(name)
         self._write_masks(model)
         return changed
@@ -329,6 +335,13 @@ def _backing_initializer(value: ir.Value | None) -> str | None:
         if inner is not None and inner.is_initializer():
             return inner.name
     return None
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A writable torch copy; bfloat16 (ml_dtypes in numpy, unknown to torch) via float32."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
