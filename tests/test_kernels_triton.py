@@ -359,6 +359,9 @@ def test_sparse_bsr_int8_on_gpu():
     wt = torch.from_numpy(w).cuda()
     got = ops.sparse24_matmul(x, T(values).half().cuda(), T(meta).cuda(), k, n)
     torch.testing.assert_close(got.float(), x.float() @ wt, rtol=2e-2, atol=5e-2)
+    big = torch.randn(512, k, dtype=torch.float16, device="cuda")  # auto: sparse tensor cores
+    got = ops.sparse24_matmul(big, T(values).half(), T(meta), k, n, T(np.ones(n, np.float32)))
+    torch.testing.assert_close(got.float(), big.float() @ wt + 1, rtol=2e-2, atol=5e-2)
     data, indices, indptr = ref.bsr_from_dense(w * (RNG.random((k, n)) < 2), (16, 16))
     got = ops.bsr_matmul(x, T(data).half().cuda(), T(indices).cuda(), T(indptr).cuda(), k, n)
     torch.testing.assert_close(got.float(), x.float() @ wt, rtol=2e-2, atol=5e-2)

@@ -8,6 +8,7 @@ dims of ``x`` are flattened into rows (``[..., K] -> [..., N]``), as ``MatMul`` 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -98,8 +99,15 @@ def sparse24_matmul(
     bias: torch.Tensor | None = None,
     *,
     config: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ W (+ bias)`` with ``W^T`` 2:4-compressed: ``values [N, K/2]``, ``meta [N, K/8]``."""
+    """``x @ W (+ bias)`` with ``W^T`` 2:4-compressed: ``values [N, K/2]``, ``meta [N, K/8]``.
+
+    ``backend="auto"``: on a GPU with at least ``SPARSE_TENSOR_CORE_MIN_M`` fp16/bf16 rows the
+    product goes to the sparse tensor cores through torch's semi-structured sparsity
+    (cuSPARSELt/CUTLASS; the weight converted once and cached), where Triton, which exposes no
+    sparse MMA, would run a dense one; below that (memory bound) and everywhere else, the
+    Triton kernel. ``backend="triton"`` always uses the Triton kernel."""
     what = "SparseMatMul24"
     check_device(what, x, values, meta, bias)
     _expect(k % 8 == 0, what, f"K must be a multiple of 8 (got {k})")
@@ -109,6 +117,12 @@ def sparse24_matmul(
     x2 = _rows(x, k, what)
     m = x2.shape[0]
     values, meta = values.contiguous(), meta.contiguous()
+    if backend == "auto" and x.is_cuda and m >= SPARSE_TENSOR_CORE_MIN_M:
+        semi = _semi_structured(values, meta, k, n) if x.dtype == values.dtype else None
+        if semi is not None:
+            y = torch.mm(semi, x2.t().contiguous()).t()
+            y = y if bias is None else y + bias.to(y.dtype)
+            return y.reshape(*x.shape[:-1], n)
 
     def run(cfg: dict[str, Any]) -> torch.Tensor:
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -119,6 +133,30 @@ def sparse24_matmul(
         key = autotune.bucket_key("sparse24", m, n=n, k=k)
         config = autotune.choose(key, sparse24.CONFIGS, run)
     return run(config).reshape(*x.shape[:-1], n)
+
+
+SPARSE_TENSOR_CORE_MIN_M = 256
+_SEMI: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _semi_structured(values: torch.Tensor, meta: torch.Tensor, k: int, n: int) -> Any:
+    """torch's semi-structured sparse ``W^T`` for these tensors (cached per values tensor), or
+    None where torch cannot (no cuSPARSELt/CUTLASS kernel, shape constraints)."""
+    cached = _SEMI.get(values)
+    if cached is not None and cached[0] is meta:
+        return cached[1]
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        shifts = torch.arange(0, 8, 2, device=meta.device, dtype=torch.uint8)
+        positions = ((meta[..., None] >> shifts) & 3).reshape(n, k // 4, 2).long()
+        dense = torch.zeros((n, k // 4, 4), dtype=values.dtype, device=values.device)
+        dense.scatter_(2, positions, values.reshape(n, k // 4, 2))
+        semi = to_sparse_semi_structured(dense.reshape(n, k))
+    except Exception:  # unsupported GPU, dtype or shape: the Triton kernel it is
+        semi = None
+    _SEMI[values] = (meta, semi)
+    return semi
 
 
 def bsr_matmul(
