@@ -22,7 +22,8 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
+
+pytest.importorskip("triton")
 from graphsurgeon.kernels import reference as ref
 from graphsurgeon.kernels.triton import autotune, ops
 from graphsurgeon.passes.weight_quant import QuantizeWeights
