@@ -188,6 +188,7 @@ class TrainingPass(GSPass):
             progress=opts.progress,
             hook=hook,
             module=module,
+            label=self.name,
         )
 
     def learning_rate(self, model: ir.Model) -> float:

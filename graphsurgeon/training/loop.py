@@ -222,6 +222,7 @@ def distill_model(
     progress: bool = True,
     hook: StepHook | None = None,
     module: GraphModule | None = None,
+    label: str = "distill",
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher`` on ``feeds``; the loss history.
 
@@ -285,7 +286,7 @@ def distill_model(
     before = evaluate()
     rng = np.random.default_rng(seed)
     history: list[float] = []
-    with _progress(progress, steps) as advance:
+    with _progress(progress, steps, label) as advance:
         for step in range(steps):
             feed, y = data.batch(rng)
             optimizer.zero_grad(set_to_none=True)
@@ -338,21 +339,21 @@ def _thin(values: list[float], n: int) -> list[float]:
 class _progress:
     """A rich progress bar on a terminal's stderr (nothing when piped or disabled)."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("distill"),
+                TextColumn(label),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4g}"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
                 transient=True,
             )
-            self.task = self.bar.add_task("distill", total=total, loss=float("nan"))
+            self.task = self.bar.add_task(label, total=total, loss=float("nan"))
 
     def __enter__(self):
         if self.bar is None:
