@@ -172,10 +172,10 @@ class AddSkips(GSPass):
         feeds = calibration_feeds(model, self.calib, max_samples=opts.calib_samples)
         names = {p.src_out.name for p in pairs} | {p.dst.node.outputs[0].name for p in pairs}
         acts = collect_activations(model, feeds, sorted(names))
+        scorer = _Scorer(acts, opts.criterion)
         for p in pairs:
-            a, b = _aligned(acts[p.src_out.name], p), _rows(acts[p.dst.node.outputs[0].name], p)
-            p.divergence = _divergence(a, b, opts.criterion, opts.seed)
-        del acts
+            p.divergence = scorer(p)
+        del acts, scorer
         chosen: list[_Pair] = []
         for p in sorted(pairs, key=lambda p: -p.divergence):
             # (an adjacent pair scores 0 under correlation: y_d is linear in x_s already)
@@ -372,40 +372,68 @@ def _aligned(x: np.ndarray, p: _Pair) -> np.ndarray:
     return _rows(x, p)
 
 
-def _divergence(a: np.ndarray, b: np.ndarray, criterion: str, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    if len(a) > _MAX_ROWS:
-        keep = rng.choice(len(a), _MAX_ROWS, replace=False)
-        a, b = a[keep], b[keep]
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    if criterion == "correlation":
-        ac, bc = a - a.mean(axis=0), b - b.mean(axis=0)
-        gram = ac.T @ ac
-        lam = 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-12)
-        coef = np.linalg.solve(gram + lam * np.eye(len(gram)), ac.T @ bc)
-        total = float((bc**2).sum())
-        return float(((bc - ac @ coef) ** 2).sum() / total) if total > 0 else 0.0
-    sa = _normalized(a, rng)
-    sb = _normalized(b, rng)
-    if criterion == "wasserstein":  # W1 = integral over q of |F_a^-1(q) - F_b^-1(q)|
-        q = (np.arange(1000) + 0.5) / 1000
-        return float(np.abs(np.quantile(sa, q) - np.quantile(sb, q)).mean())
-    lo, hi = np.percentile(np.concatenate([sa, sb]), [0.5, 99.5])
-    if hi <= lo:
-        return 0.0
-    bins = np.linspace(lo, hi, 65)
-    p = np.histogram(np.clip(sa, lo, hi), bins)[0] + 0.5
-    q = np.histogram(np.clip(sb, lo, hi), bins)[0] + 0.5
-    p, q = p / p.sum(), q / q.sum()
-    return float(0.5 * ((p * np.log(p / q)).sum() + (q * np.log(q / p)).sum()))
+class _Scorer:
+    """Divergence of each pair; every tensor's rows and normalized sorted sample are computed
+    once (a transformer has hundreds of pairs over a few dozen tensors)."""
+
+    def __init__(self, acts: dict[str, np.ndarray], criterion: str) -> None:
+        self.acts, self.criterion = acts, criterion
+        self._rows: dict[tuple, np.ndarray] = {}
+        self._sorted: dict[tuple, np.ndarray] = {}
+
+    def rows(self, p: _Pair, src: bool) -> np.ndarray:
+        name = p.src_out.name if src else p.dst.node.outputs[0].name
+        key = (name, p.pool if src else None, p.rank)
+        if key not in self._rows:
+            x = self.acts[name]
+            r = _aligned(x, p) if src else _rows(x, p)
+            if len(r) > _MAX_ROWS:  # the same rows for both sides: seeded by the row count
+                r = r[np.random.default_rng(len(r)).choice(len(r), _MAX_ROWS, replace=False)]
+            self._rows[key] = r.astype(np.float64)
+        return self._rows[key]
+
+    def sample(self, p: _Pair, src: bool) -> np.ndarray:
+        """Equal samples from every channel (the rows), divided by the tensor's RMS, sorted."""
+        key = (id(self.rows(p, src)),)
+        if key not in self._sorted:
+            x = self.rows(p, src)
+            picked = x[np.random.default_rng(0).permutation(len(x))[:512]]
+            rms = math.sqrt(float((x**2).mean())) or 1.0
+            self._sorted[key] = np.sort((picked / rms).ravel())
+        return self._sorted[key]
+
+    def __call__(self, p: _Pair) -> float:
+        if self.criterion == "correlation":
+            return _unexplained(self.rows(p, True), self.rows(p, False))
+        sa, sb = self.sample(p, True), self.sample(p, False)
+        if self.criterion == "wasserstein":  # W1 = integral over q of |F_a^-1(q) - F_b^-1(q)|
+            q = (np.arange(1000) + 0.5) / 1000
+            return float(np.abs(_quantile(sa, q) - _quantile(sb, q)).mean())
+        ends = np.array([0.005, 0.995])
+        lo = min(_quantile(sa, ends)[0], _quantile(sb, ends)[0])
+        hi = max(_quantile(sa, ends)[1], _quantile(sb, ends)[1])
+        if hi <= lo:
+            return 0.0
+        bins = np.linspace(lo, hi, 65)
+        bins[0], bins[-1] = -np.inf, np.inf  # the tails fall in the end bins
+        p_ = np.diff(np.searchsorted(sa, bins)) + 0.5
+        q_ = np.diff(np.searchsorted(sb, bins)) + 0.5
+        p_, q_ = p_ / p_.sum(), q_ / q_.sum()
+        return float(0.5 * ((p_ * np.log(p_ / q_)).sum() + (q_ * np.log(q_ / p_)).sum()))
 
 
-def _normalized(x: np.ndarray, rng: np.random.Generator, per_channel: int = 512) -> np.ndarray:
-    """Equal samples from every channel, divided by the tensor's RMS."""
-    rows = min(len(x), per_channel)
-    picked = x[rng.choice(len(x), rows, replace=False)] if rows < len(x) else x
-    rms = math.sqrt(float((x**2).mean())) or 1.0
-    return (picked / rms).ravel()
+def _quantile(sorted_values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.interp(q * (len(sorted_values) - 1), np.arange(len(sorted_values)), sorted_values)
+
+
+def _unexplained(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - R^2 of b predicted linearly (with intercept) from a."""
+    ac, bc = a - a.mean(axis=0), b - b.mean(axis=0)
+    gram = ac.T @ ac
+    lam = 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-12)
+    coef = np.linalg.solve(gram + lam * np.eye(len(gram)), ac.T @ bc)
+    total = float((bc**2).sum())
+    return float(((bc - ac @ coef) ** 2).sum() / total) if total > 0 else 0.0
 
 
 def _reference_targets(reference: ir.Model, pairs: list[_Pair], feeds) -> dict[str, np.ndarray]:
