@@ -27,7 +27,9 @@ the model with the earlier skips in place. The original comes from the ``referen
 (a model file), else from the pipeline (its input model, as for ``distill``'s teacher);
 without either there is no residual to fit and the pass says so. To fit by training instead,
 run ``distill`` after ``add-skips`` (``fit: none``): the zero gains and random projections
-are ordinary parameters to it.
+are ordinary parameters to it. Match features there at layers other than the skip
+destinations (or ``feature_layers: none``): a destination layer's own output is the value
+before its skip is added, and pulling it to the teacher's would fight the skip.
 
 Refused pairs, with the reason in the statistics: ranks differ (a Conv map and a Gemm vector),
 the destination is larger than the source (that would need upsampling), non-integer stride
