@@ -84,7 +84,7 @@ class GraphModule(nn.Module):
         self._inputs = [v for v in graph.inputs]
         self._outputs = [v for v in graph.outputs]
         self._by_name = {v.name: v for v in _values(graph) if v.name}
-        self._constants: dict[ir.Node, torch.Tensor] = {}
+        self._constants: dict[ir.Node, torch.Tensor | str] = {}
         self._packed: dict[ir.Node, torch.Tensor] = {}
         self.quant: dict[str, QuantSpec] = quantized_weights(graph)
         frozen = _frozen_initializers(graph)
@@ -195,9 +195,18 @@ class GraphModule(nn.Module):
 
     # -- running ------------------------------------------------------------------------------
     def constant(self, node: ir.Node) -> torch.Tensor:
+        """A Constant node's value: float ones are buffers (they follow ``.to(device)`` and
+        ``.half()`` with the weights), integer ones stay on the CPU as shape plumbing."""
         if node not in self._constants:
-            self._constants[node] = torch.from_numpy(np.array(constant_value(node)))
-        return self._constants[node]
+            value = torch.from_numpy(np.array(constant_value(node)))
+            if value.is_floating_point():
+                key = f"constant_{len(self._constants)}"
+                self.register_buffer(key, value, persistent=False)
+                self._constants[node] = key
+            else:
+                self._constants[node] = value
+        value = self._constants[node]
+        return getattr(self, value) if isinstance(value, str) else value
 
     def packed_weight(self, node: ir.Node) -> torch.Tensor:
         if node not in self._packed:
@@ -244,7 +253,7 @@ class GraphModule(nn.Module):
         for node in self._nodes:
             fn = lookup(node)
             assert fn is not None
-            outs = fn(self, node, [get(v) for v in node.inputs])
+            outs = fn(self, node, _same_device([get(v) for v in node.inputs]))
             for value, out in zip(node.outputs, outs, strict=False):
                 env[value] = out
         result = {v.name: get(v) for v in self._outputs}
@@ -335,6 +344,16 @@ def _backing_initializer(value: ir.Value | None) -> str | None:
         if inner is not None and inner.is_initializer():
             return inner.name
     return None
+
+
+def _same_device(inputs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Shape plumbing is computed on the CPU; where it meets tensors on an accelerator, it
+    moves there (0-d CPU tensors mix with any device and stay)."""
+    devices = {t.device for t in inputs if t is not None and t.dim() > 0}
+    if len(devices) <= 1:
+        return inputs
+    target = next(d for d in devices if d.type != "cpu")
+    return [t if t is None or t.device == target else t.to(target) for t in inputs]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

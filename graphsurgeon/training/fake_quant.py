@@ -150,7 +150,7 @@ def _conv_integer(ctx, node, x):
 @op("MatMulNBits", domain="com.microsoft")
 def _matmul_nbits(ctx, node, x):
     weight = ctx.packed_weight(node)  # decoded [K, N], a buffer: the packing is not trained
-    y = x[0] @ weight.to(x[0].dtype)
+    y = x[0] @ weight.to(device=x[0].device, dtype=x[0].dtype)
     bias = x[5] if len(x) > 5 else None
     return [y if bias is None else y + bias]
 
@@ -193,8 +193,8 @@ class QuantSpec:
         return (self.scale.dtype.str, self.scale.tobytes(), zero, self.axis, self.dtype)
 
     def fake(self, w: Tensor) -> Tensor:
-        scale = torch.tensor(self.scale)
-        zero = None if self.zero is None else torch.tensor(self.zero)
+        scale = torch.tensor(self.scale, device=w.device)
+        zero = None if self.zero is None else torch.tensor(self.zero, device=w.device)
         return fake_quantize(w, scale, zero, torch_dtype(self.dtype), self.axis)
 
 

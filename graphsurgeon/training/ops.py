@@ -318,14 +318,14 @@ def _slice(ctx, node, x):
         if stride > 0:
             t = t[(slice(None),) * axis + (slice(begin, stop, stride),)]
         else:
-            index = torch.arange(begin, stop, stride, dtype=torch.int64)
+            index = torch.arange(begin, stop, stride, dtype=torch.int64, device=t.device)
             t = t.index_select(axis, index)
     return [t]
 
 
 @op("Gather")
 def _gather(ctx, node, x):
-    data, index = x[0], x[1].to(torch.int64)
+    data, index = x[0], x[1].to(device=x[0].device, dtype=torch.int64)
     axis = attr(node, "axis", 0) % data.dim()
     index = torch.where(index < 0, index + data.shape[axis], index)
     out = data.index_select(axis, index.reshape(-1))
@@ -334,7 +334,7 @@ def _gather(ctx, node, x):
 
 @op("GatherElements")
 def _gather_elements(ctx, node, x):
-    data, index = x[0], x[1].to(torch.int64)
+    data, index = x[0], x[1].to(device=x[0].device, dtype=torch.int64)
     axis = attr(node, "axis", 0) % data.dim()
     index = torch.where(index < 0, index + data.shape[axis], index)
     return [torch.gather(data, axis, index)]
