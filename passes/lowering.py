@@ -25,8 +25,9 @@ values, in float32 / int32): the pass is ``exact``. The 2:4 and BSR forms hold t
 nonzeros exactly; a layer whose weight does not fit the pattern it claims (say a 2:4 mask
 after a later pass changed the weight) is skipped with a reason. Each custom node records in
 ``graphsurgeon.lowered_from`` (metadata, JSON) what it came from (op, layout, and the pruning
-mask of a sparse layer), so ``raise-kernels`` restores the very same standard form: MatMulNBits, DequantizeLinear + MatMul, MatMul or Gemm (same
-layout, same mask metadata), MatMulInteger.
+mask of a sparse layer), so ``raise-kernels`` restores the very same standard form:
+MatMulNBits, DequantizeLinear + MatMul, MatMul or Gemm (same layout, same mask metadata),
+MatMulInteger.
 
 **A lowered model does not run in stock onnxruntime** (it has no ``graphsurgeon`` kernels):
 run it with :func:`graphsurgeon.kernels.triton.bind.load_lowered` on a CUDA GPU, or
@@ -258,7 +259,12 @@ def _lower_dq(edit: _Edit, dq: ir.Node, matmul: ir.Node, wanted: set[str]) -> st
     ]
     if zeros is not None:
         inputs.append(edit.const(f"{base}_zero_points", zeros))
-    origin = {"op": "DequantizeLinear", "dtype": w_q.dtype.name, "zero_point": zp is not None}
+    origin = {
+        "op": "DequantizeLinear",
+        "dtype": w_q.dtype.name,
+        "zero_point": zp is not None,
+        "names": [v.name for v in (w_q, scale, zp) if v is not None],
+    }
     new = _node(
         f"MatMulW{bits}A16",
         inputs,
@@ -346,7 +352,12 @@ def _lower_int8(edit: _Edit, node: ir.Node) -> str:
         inputs[3] = edit.const(f"{base}_zero_point_s8", shifted)
     while inputs[-1] is None:
         inputs.pop()
-    origin = {"op": "MatMulInteger", "b_dtype": str(b.dtype), "b_zero_point": b_zp is not None}
+    origin = {
+        "op": "MatMulInteger",
+        "b_dtype": str(b.dtype),
+        "b_zero_point": b_zp is not None,
+        "names": [v.name for v in (b_value, b_zp) if v is not None],
+    }
     new = _node("MatMulInt8", inputs, {}, origin)
     edit.replace([node], [new])
     return "MatMulInt8"
@@ -406,13 +417,14 @@ def _raise_nbits(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> l
         zp = _const(node.inputs[3]) if len(node.inputs) > 3 else None
         base = (node.inputs[1].name or "w").rsplit("_q", 1)[0]
         store = _NUMPY_CODES[dtype]
+        names = [*(origin.get("names") or [base, f"{base}_scale"]), f"{base}_zero_point"]
         inputs = [
-            edit.const(base, q.astype(store)),
-            edit.const(f"{base}_scale", s.reshape(n, blocks).T.copy()),
+            edit.const(names[0], q.astype(store)),
+            edit.const(names[1], s.reshape(n, blocks).T.copy()),
         ]
         if origin.get("zero_point", zp is not None):
             z = ref.unpack_bits(zp.reshape(n, -1), bits, blocks).astype(np.int32).T - shift
-            inputs.append(edit.const(f"{base}_zero_point", z.astype(store)))
+            inputs.append(edit.const(names[2], z.astype(store)))
         deq = ir.Value(name=unique_name(edit.graph, f"{base}_dequantized"))
         dq = ir.node(
             "DequantizeLinear", inputs, attributes={"axis": 0, "block_size": block}, outputs=[deq]
@@ -442,16 +454,16 @@ def _raise_nbits(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> l
     return [new]
 
 
-def _dense_node(
-    edit: _Edit, node: ir.Node, origin: dict, wt: np.ndarray, suffix: str
-) -> list[ir.Node]:
+def _dense_node(edit: _Edit, node: ir.Node, origin: dict, wt: np.ndarray) -> list[ir.Node]:
     """MatMul/Gemm with the dense ``W [K, N]`` in the original layout."""
     x = node.inputs[0]
     bias = node.inputs[-1] if _has_bias(node) else None
     trans_b = int(origin.get("transB", 0))
     op = origin.get("op", "Gemm" if bias is not None else "MatMul")
-    base = (node.inputs[1].name or "w").rsplit("_", 1)[0]
-    w = edit.const(f"{base}{suffix}", np.ascontiguousarray(wt.T if trans_b else wt))
+    base = node.inputs[1].name or "w"
+    for lowered_suffix in ("_24values", "_bsr_data"):  # the weight's own name, back
+        base = base.removesuffix(lowered_suffix)
+    w = edit.const(base, np.ascontiguousarray(wt.T if trans_b else wt))
     if op == "Gemm":
         attrs = {"transB": trans_b} if trans_b else {}
         new = ir.node("Gemm", [x, w, bias], attributes=attrs, name=node.name, outputs=[ir.Value()])
@@ -471,14 +483,14 @@ def _has_bias(node: ir.Node) -> bool:
 def _raise_sparse24(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> list[ir.Node]:
     k = node.attributes.get_int("K")
     wt = ref.decompress_24(_const(node.inputs[1]), _const(node.inputs[2]), k)
-    return _dense_node(edit, node, origin, wt, "")
+    return _dense_node(edit, node, origin, wt)
 
 
 def _raise_bsr(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> list[ir.Node]:
     k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
     data, indices, indptr = (_const(v) for v in node.inputs[1:4])
     wt = ref.bsr_to_dense(data, indices, indptr, k, n)
-    return _dense_node(edit, node, origin, wt, "")
+    return _dense_node(edit, node, origin, wt)
 
 
 def _raise_int8(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> list[ir.Node]:
@@ -487,11 +499,12 @@ def _raise_int8(edit: _Edit, node: ir.Node, origin: dict, model: ir.Model) -> li
     if origin.get("b_dtype") == "uint8":
         base = (b_value.name or "b").removesuffix("_s8")
         b, bz = _const(b_value), _const(b_zp) if b_zp is not None else np.zeros((), np.int8)
-        inputs[1] = edit.const(base, (b.astype(np.int16) + 128).astype(np.uint8))
+        names = [*origin.get("names", [base]), f"{base}_zero_point"]
+        inputs[1] = edit.const(names[0], (b.astype(np.int16) + 128).astype(np.uint8))
         inputs[3] = None
         if origin.get("b_zero_point", True):
             zero = (bz.astype(np.int16) + 128).astype(np.uint8)
-            inputs[3] = edit.const(f"{base}_zero_point", zero)
+            inputs[3] = edit.const(names[1], zero)
     while inputs[-1] is None:
         inputs.pop()
     new = ir.node("MatMulInteger", inputs, name=node.name, outputs=[ir.Value()])

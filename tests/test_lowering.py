@@ -79,6 +79,7 @@ def ops(model: ir.Model) -> list[str]:
 def round_trip(model: ir.Model, feeds=FEEDS, **options) -> tuple[LowerKernels, list[str]]:
     """Lower (outputs == ORT before), raise (ORT outputs == before); the lowered op types."""
     before_ops, before = ops(model), ort(model, feeds)
+    before_inits = sorted(model.graph.initializers)
     lower = LowerKernels(options)
     assert lower(model).modified
     lowered_ops = ops(model)
@@ -86,6 +87,7 @@ def round_trip(model: ir.Model, feeds=FEEDS, **options) -> tuple[LowerKernels, l
         np.testing.assert_allclose(y, before[name], rtol=1e-5, atol=1e-5)
     assert RaiseKernels()(model).modified
     assert ops(model) == before_ops
+    assert sorted(model.graph.initializers) == before_inits  # the weights' own names, back
     assert GS_DOMAIN not in model.opset_imports
     assert not any(LOWERED_FROM_KEY in n.metadata_props for n in model.graph)
     for name, y in ort(model, feeds).items():
