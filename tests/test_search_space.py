@@ -159,3 +159,22 @@ def test_bad_methods_and_vectors(digits_space):
     assert {m.name for m in resolve_methods("quantize")} >= {"quantize-int8", "quantize-weights"}
     with pytest.raises(GraphSurgeonError, match="policy vector has shape"):
         space.decode(np.zeros(space.dim + 1))
+
+
+def test_distillation_targets_are_a_flag_gene(digits_space):
+    model, _ = digits_space
+    try:
+        space = SearchSpace.build(model, methods="prune-magnitude,distill")
+    except GraphSurgeonError as e:  # the training bridge is optional
+        pytest.skip(str(e))
+    assert space.dim == sum(s.width for s in space.slots)
+    flagged = None
+    for _ in range(50):
+        policy = space.decode(RNG.random(space.dim))
+        assert space.decode(space.encode(policy)) == policy
+        flagged = [lid for d in policy.decisions if d.distill for lid in d.layers]
+        if flagged:
+            break
+    assert flagged
+    last = policy.to_pipeline()["steps"][-1]
+    assert last == {"name": "distill", "options": {"feature_layers": flagged}}

@@ -115,13 +115,15 @@ class Policy:
 
     @property
     def active(self) -> list[Decision]:
-        return [d for d in self.decisions if d.method != "none"]
+        return [d for d in self.decisions if d.method != "none" or d.distill]
 
     def summary(self, limit: int = 6) -> str:
         active = self.active
         if not active:
             return "uncompressed"
-        parts = [f"{d.slot}: {d.summary()}" for d in active[:limit]]
+        parts = [
+            f"{d.slot}: {d.summary()}{' +distill' if d.distill else ''}" for d in active[:limit]
+        ]
         if len(active) > limit:
             parts.append(f"... {len(active) - limit} more")
         return "; ".join(parts)
@@ -136,9 +138,11 @@ class Policy:
                 by_method.setdefault(d.method, []).append(d)
         for method in sorted(by_method, key=_step_rank):
             steps.append(_step(method, by_method[method]))
+        distilled = [lid for d in self.decisions if d.distill for lid in d.layers]
+        if distilled:  # last: the student is the compressed model, the teacher the original
+            steps.append({"name": "distill", "options": {"feature_layers": distilled}})
         if not steps:
             steps = ["eliminate-dead-code"]  # a pipeline is never empty: the identity policy
-        distilled = [lid for d in self.decisions if d.distill for lid in d.layers]
         text = f"graphsurgeon policy {self.key()}: {self.summary()}"
         if distilled:
             text += f"; distillation targets: {', '.join(distilled)}"

@@ -121,20 +121,24 @@ class Slot:
     units: list[str] = field(default_factory=list)  # removable units this slot owns
     unit_layers: dict[str, list[str]] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    distill_gene: bool = False  # one more gene: is this layer a distillation target
 
     @property
     def width(self) -> int:
-        return 1 + sum(len(s) for s in self.spaces)
+        return 1 + sum(len(s) for s in self.spaces) + int(self.distill_gene)
 
 
 def resolve_methods(methods: Sequence[str] | str | None) -> list[Method]:
-    """Method names or families (``prune``, ``quantize``...) -> methods; ``none`` always in."""
+    """Method names or families (``prune``, ``quantize``...) -> methods; ``none`` always in.
+    ``distill`` is a flag, not a method (see :func:`wants_distill`)."""
     if methods is None:
         names = list(DEFAULT_METHODS)
     else:
         items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
         names = ["none"]
         for item in items:
+            if item == "distill":
+                continue
             if item in METHODS:
                 names.append(item)
                 continue
@@ -144,6 +148,15 @@ def resolve_methods(methods: Sequence[str] | str | None) -> list[Method]:
                 raise GraphSurgeonError(f"--methods: unknown method {item!r} (known: {known})")
             names.extend(family)
     return [METHODS[n] for n in dict.fromkeys(names)]
+
+
+def wants_distill(methods: Sequence[str] | str | None) -> bool:
+    """``distill`` among ``methods``: each slot gets a flag gene marking it a feature-matching
+    target of a final ``distill`` step (knowledge distillation through the training bridge)."""
+    if methods is None:
+        return False
+    items = methods.split(",") if isinstance(methods, str) else methods
+    return "distill" in [m.strip() for m in items]
 
 
 class SearchSpace:
@@ -190,6 +203,9 @@ class SearchSpace:
         ``min_params`` weights get no slot.
         """
         chosen = resolve_methods(methods)
+        distill = wants_distill(methods)
+        if distill:
+            get_pass("distill")  # a clear error where the training bridge is not installed
         ShapeInferencePass()(model)
         layers = [
             layer
@@ -213,6 +229,7 @@ class SearchSpace:
         _assign_units(slots, units)
         for slot in slots:
             slot.stats = _slot_stats([by_id[m] for m in slot.layers], sensitivity)
+            slot.distill_gene = distill
         space = cls(slots, prelude)
         space._calib = calib
         space._model = model
@@ -226,7 +243,7 @@ class SearchSpace:
         x = np.clip(x, 0.0, 1.0)
         decisions = []
         removed: set[str] = set()
-        for slot, (start, _stop) in zip(self.slots, self.slot_dims, strict=True):
+        for slot, (start, stop) in zip(self.slots, self.slot_dims, strict=True):
             index = min(int(x[start] * len(slot.methods)), len(slot.methods) - 1)
             method = slot.methods[index]
             offset = start + 1 + sum(len(s) for s in slot.spaces[:index])
@@ -238,12 +255,14 @@ class SearchSpace:
                 method, params = METHODS["none"], {}  # inside a unit already removed
             if method.name == "remove":
                 removed.update(slot.unit_layers[params["unit"]])
+            distill = bool(slot.distill_gene and x[stop - 1] >= 0.5)
             decisions.append(
                 Decision(
                     slot.id,
                     tuple(slot.layers),
                     method.name,
                     tuple(sorted(params.items())),
+                    distill=distill and not set(slot.layers) & removed,
                     role=self.roles[slot.id],
                 )
             )
@@ -252,7 +271,7 @@ class SearchSpace:
     def encode(self, policy: Policy) -> np.ndarray:
         x = np.full(self.dim, 0.5)
         by_slot = {d.slot: d for d in policy.decisions}
-        for slot, (start, _stop) in zip(self.slots, self.slot_dims, strict=True):
+        for slot, (start, stop) in zip(self.slots, self.slot_dims, strict=True):
             d = by_slot.get(slot.id)
             method = d.method if d is not None else "none"
             names = [m.name for m in slot.methods]
@@ -266,6 +285,8 @@ class SearchSpace:
                 if name not in options:
                     raise GraphSurgeonError(f"slot {slot.id}: {method} needs {name!r}")
                 x[offset + i] = _encode_gene(space, options[name])
+            if slot.distill_gene:
+                x[stop - 1] = 0.75 if d is not None and d.distill else 0.25
         return x
 
     def identity(self) -> np.ndarray:
