@@ -131,3 +131,19 @@ def test_generated_inputs_warn(digits) -> None:
     with pytest.warns(UserWarning, match="no --calib data"):
         result = gs.run_pipeline(model, spec)
     assert result.records[-1].notes["data"] == "generated"
+
+
+def test_the_teacher_is_the_pipeline_input_kept_only_when_asked(digits, monkeypatch) -> None:
+    """The teacher is the model before pruning (a pruned teacher would give a loss near 0),
+    and the pipeline keeps a copy only when a pass needs it."""
+    import graphsurgeon.pipeline as pipeline
+
+    made = []
+    original = pipeline._Original
+    monkeypatch.setattr(pipeline, "_Original", lambda m: made.append(1) or original(m))
+    gs.run_pipeline(gs.load(digits["model"]), prune_then([]))
+    assert made == []
+    spec = prune_then([{"name": "distill", "options": {"steps": 1, "lr": 1e-9}}])
+    result = gs.run_pipeline(gs.load(digits["model"]), spec, calib=digits["train"])
+    assert made == [1]
+    assert result.records[-1].notes["loss_before"] > 1.0
