@@ -68,6 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         methods=args.methods,
         shapes=parse_shape_args(args.shape),
         noise=args.noise,
+        robustness=args.robustness,
         measure_front=args.measure_front,
         strategy_options=options,
         progress=not args.quiet,
@@ -333,7 +334,11 @@ def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None: 
     p.add_argument(
         "--lambda", dest="lam", type=float, default=1.0, help="cost weight in the reward"
     )
-    p.add_argument("--noise", type=float, help="robustness objective: Gaussian noise x input std")
+    p.add_argument("--noise", type=float, help="robustness: perturbation size x input std (0.1)")
+    p.add_argument(
+        "--robustness", default="auto", choices=["auto", "fgsm", "gaussian"],
+        help="robustness perturbation: FGSM through the training bridge (auto: where it runs)",
+    )  # fmt: skip
     p.add_argument(
         "--measure-front", type=int, default=8, help="front points measured on the device"
     )

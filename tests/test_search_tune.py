@@ -167,3 +167,23 @@ def test_resume_after_kill_loses_no_finished_evaluation(digits, tmp_path):
     assert len({k for _, k, _ in after}) == len(after)  # nothing evaluated twice
     assert pareto["evaluations"] == 20
     assert pareto["evaluated"] == len(after) - len(before)
+
+
+def test_fgsm_robustness_is_harder_than_noise_of_the_same_size(digits):
+    from graphsurgeon.search.evaluate import EvalConfig, Evaluator
+
+    def drop(kind: str) -> float:
+        config = EvalConfig(
+            model=str(digits["model"]), profile="x86-avx512-vnni", calib=str(digits["test"]),
+            noise=0.3, robustness=kind, max_samples=128,
+        )  # fmt: skip
+        ev = Evaluator(config)
+        result = ev.evaluate([])  # the original model itself
+        assert result.status == "ok", result.error
+        assert result.kinds["robustness_drop"].startswith(
+            kind.replace("gaussian", "gaussian noise")
+        )
+        return result.objectives["robustness_drop"]
+
+    fgsm, gaussian = drop("fgsm"), drop("gaussian")
+    assert fgsm > gaussian + 0.05 and fgsm > 0.1

@@ -12,8 +12,11 @@ Every objective is minimized:
   for the Pareto front and the final pick;
 - ``energy_mj``: the profile's energy model for the predicted latency (``estimated``), or what
   ``measure`` reports (RAPL where readable, labelled);
-- ``robustness_drop`` (optional): the headline score lost on inputs with Gaussian noise of
-  ``noise`` times each float input's standard deviation.
+- ``robustness_drop`` (optional): the headline score lost on perturbed inputs of size
+  ``noise`` times each float input's standard deviation: FGSM examples (the sign of the
+  loss gradient, computed once on the original model through the torch training bridge, a
+  transfer attack every candidate faces alike) for classifiers the bridge can run, Gaussian
+  noise otherwise (``robustness`` picks).
 
 A worker process evaluates many policies with one :class:`Evaluator` (model, datasets and
 reference outputs loaded once): :class:`EvalTask` is the small picklable handle executors ship,
@@ -80,7 +83,8 @@ class EvalConfig:
     shapes: dict[str, list[int]] | None = None
     prelude: tuple[Any, ...] = ("cleanup",)
     max_samples: int | None = 256
-    noise: float | None = None  # robustness: Gaussian noise, relative to each input's std
+    noise: float | None = None  # robustness: perturbation size, relative to each input's std
+    robustness: str = "auto"  # auto (fgsm where possible) | fgsm | gaussian
     time_missing_nodes: bool = True  # latency model: time nodes the table lacks
 
     def context_hash(self) -> str:
@@ -149,7 +153,10 @@ class Evaluator:
         self.n_eval = len(next(iter(self.reference.values())))
         self.baseline = score(self.metric, self.reference, self.reference, self.labels)
         self.head = next(iter(self.baseline))
-        self.noisy: Dataset | None = _noisy(data, config.noise) if config.noise else None
+        self.noisy: Dataset | None = None
+        self.noise_kind = ""
+        if config.noise:
+            self.noisy, self.noise_kind = _perturbed(model, data, config, self.labels)
         self.noisy_baseline = (
             score(
                 self.metric,
@@ -236,7 +243,7 @@ class Evaluator:
             noisy = model_outputs(model, self.noisy, self.config.max_samples)
             value = score(self.metric, noisy, self.reference, self.labels)[self.head]
             result.objectives["robustness_drop"] = self.baseline[self.head] - value
-            result.kinds["robustness_drop"] = f"gaussian noise {self.config.noise} x std"
+            result.kinds["robustness_drop"] = f"{self.noise_kind} {self.config.noise} x std"
 
     def _predicted(self, model: ir.Model, result: EvalResult) -> dict[str, float]:
         """Latency from the table (nodes it lacks are timed alone first, once: a node that
@@ -306,6 +313,63 @@ def _labels(data: Dataset, reference: dict[str, np.ndarray]) -> np.ndarray | Non
     if data.labels is None:
         return None
     return data.labels[: len(next(iter(reference.values())))]
+
+
+def _perturbed(
+    model: ir.Model, data: Dataset, config: EvalConfig, labels: np.ndarray | None
+) -> tuple[Dataset, str]:
+    if config.robustness not in ("auto", "fgsm", "gaussian"):
+        raise GraphSurgeonError(
+            f"robustness must be auto, fgsm or gaussian, not {config.robustness!r}"
+        )
+    if config.robustness != "gaussian":
+        try:
+            return _fgsm(model, data, config.noise or 0.0, labels, config.max_samples), "fgsm"
+        except Exception as e:
+            if config.robustness == "fgsm":
+                raise GraphSurgeonError(f"robustness fgsm: {_error_text(e)}") from None
+    return _noisy(data, config.noise or 0.0), "gaussian noise"
+
+
+def _fgsm(
+    model: ir.Model, data: Dataset, eps: float, labels: np.ndarray | None, max_samples: int | None
+) -> Dataset:
+    """x + eps * std(x) * sign(grad_x CE(logits, y)), y the labels (else the model's own
+    predictions), per batch through :func:`graphsurgeon.training.to_torch`."""
+    import torch
+
+    from graphsurgeon.training import to_torch
+
+    module = to_torch(model, trainable=False)
+    floats = [k for k, a in data.arrays.items() if np.issubdtype(a.dtype, np.floating)]
+    if not floats:
+        raise GraphSurgeonError("the model has no float inputs to perturb")
+    std = {k: float(data.arrays[k].std() or 1.0) for k in floats}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in data.arrays}
+    seen = 0
+    for feed in data.feeds(max_samples, batch_size=64):
+        tensors = {k: torch.tensor(v, requires_grad=k in floats) for k, v in feed.items()}
+        logits = next(iter(module(**tensors).values()))
+        if logits.ndim != 2:
+            raise GraphSurgeonError("FGSM needs 2-D logits (a classifier)")
+        n = logits.shape[0]
+        target = (
+            torch.as_tensor(labels[seen : seen + n], dtype=torch.long)
+            if labels is not None
+            else logits.argmax(-1).detach()
+        )
+        seen += n
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        for k, t in tensors.items():
+            if k in floats:
+                grad = t.grad if t.grad is not None else torch.zeros_like(t)
+                step = eps * std[k] * grad.sign()
+                out[k].append((t.detach() + step).numpy().astype(data.arrays[k].dtype))
+            else:
+                out[k].append(feed[k])
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    kept = None if data.labels is None else data.labels[:seen]
+    return Dataset(arrays, kept, data.batched, data.fixed_batch)
 
 
 def _noisy(data: Dataset, sigma: float) -> Dataset:

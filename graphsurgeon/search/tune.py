@@ -163,6 +163,7 @@ def tune(
     shapes: dict[str, list[int]] | None = None,
     prelude: Sequence[Any] = ("cleanup",),
     noise: float | None = None,
+    robustness: str = "auto",
     max_samples: int | None = 256,
     measure_front: int = 8,
     batch_size: int | None = None,
@@ -198,6 +199,7 @@ def tune(
         prelude=tuple(prelude),
         max_samples=max_samples,
         noise=noise,
+        robustness=robustness,
     )
     if "robustness_drop" in keys and noise is None:
         config = EvalConfig(**{**config.__dict__, "noise": 0.1})
