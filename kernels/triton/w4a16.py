@@ -104,7 +104,8 @@ def _nbits_gemv(
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rb = tl.arange(0, bkb)
-    acc = tl.zeros((BN,), dtype=tl.float32)
+    # a [bkb, BN] accumulator, summed over K once at the end: no cross-thread reduction per tile
+    acc = tl.zeros((bkb, BN), dtype=tl.float32)
     k_chunk = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
@@ -122,13 +123,12 @@ def _nbits_gemv(
             zero = ((zb >> ((blk % per_byte) * BITS)) & code_mask)[None, :]
         else:
             zero = 1 << (BITS - 1)
-        tile = tl.zeros((BN,), dtype=tl.float32)
         for j in tl.static_range(per_byte):
             kk = k0 + j + rb * per_byte
             x = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=kk < K, other=0.0)
             w = (((byte >> (j * BITS)) & code_mask) - zero).to(tl.float32)
-            tile += tl.sum(w * x.to(tl.float32)[:, None], axis=0)
-        acc += tile * scale
+            acc += w * (x.to(tl.float32)[:, None] * scale[None, :])
+    acc = tl.sum(acc, axis=0)
     out = y_ptr + m * stride_ym + rn * stride_yn
     if SPLIT_K == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
