@@ -13,7 +13,8 @@ pattern                                     custom op (inputs; attributes)
                                             the MatMulNBits tensors as they are
 blocked ``DequantizeLinear`` (int4/uint4/   the same ops; codes repacked once, here, into the
 int8/uint8, ``block_size`` >= 16) + MatMul  MatMulNBits layout (signed codes shifted by 2^(b-1))
-MatMul/Gemm with a ``prune-nm`` 2:4 mask    ``SparseMatMul24`` (A, values, meta [, bias]; K, N)
+MatMul/Gemm with a ``prune-nm`` mask that   ``SparseMatMul24`` (A, values, meta [, bias]; K, N)
+is 2:4 (2:4, 1:4 patterns)
 MatMul/Gemm with a ``prune-blocks`` mask    ``BsrMatMul`` (A, data, indices, indptr [, bias];
                                             K, N, blocksize = [bn, bk])
 ``MatMulInteger`` with a constant B         ``MatMulInt8`` (A, B int8, a_zero_point,
@@ -190,7 +191,9 @@ class LowerKernels(GSPass):
                 return _lower_dq(edit, producer, node, wanted)
         if node.op_type in ("MatMul", "Gemm") and MASK_KEY in node.metadata_props:
             meta = json.loads(node.metadata_props[MASK_KEY])
-            if meta.get("method") == "nm" and meta.get("pattern") == "2:4" and "sparse24" in wanted:
+            # any N:M whose weight has at most 2 nonzeros per 4 (2:4, 1:4, 1:2): compress_24
+            # checks the weight itself and refuses the others (4:8) with a reason
+            if meta.get("method") == "nm" and "sparse24" in wanted:
                 return _lower_sparse(edit, node, "sparse24", opts)
             if meta.get("method") == "blocks" and "bsr" in wanted:
                 return _lower_sparse(edit, node, "bsr", opts, meta["block"])

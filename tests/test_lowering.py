@@ -195,6 +195,16 @@ def test_two_four_lowers_matmul_and_gemm_and_keeps_the_mask():
         np.testing.assert_array_equal(read_mask(model, lid), mask)
 
 
+@pytest.mark.parametrize(("pattern", "lowered"), [("1:4", True), ("4:8", False)])
+def test_other_nm_patterns_lower_when_they_fit_two_four(pattern, lowered):
+    model = mlp()
+    PruneNM({"pattern": pattern})(model)
+    lower = LowerKernels()
+    assert lower(model).modified == lowered
+    if not lowered:
+        assert "more than 2 nonzeros" in next(iter(lower.report()["skipped"]))
+
+
 def test_two_four_stores_half_the_values():
     model = mlp()
     PruneNM({})(model)
