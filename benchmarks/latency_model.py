@@ -5,8 +5,9 @@ a policy draws an intensity, then each layer is touched with that chance and los
 50% of its output channels (``prune-channels``) or, for a MatMul, gets int4 weights
 (``quantize-weights``). The first
 ``--train`` policies fill the lookup table (``graphsurgeon profile calibrate`` does the same);
-the next ``--policies`` (>= 30) are predicted with that table, nodes it has never seen falling
-back to the roofline, and then measured in onnxruntime (2 threads, median of ``--repeats``
+the same training models, measured whole, fit the per-op-type corrections
+(``fit_corrections``). The next ``--policies`` (>= 30) are predicted with that table, nodes it
+has never seen falling back to the roofline, and then measured in onnxruntime (2 threads, median of ``--repeats``
 runs after warm-up). It prints the Spearman rank correlation (target >= 0.9) and the time to
 predict one policy against the time to measure it.
 
@@ -29,7 +30,8 @@ import graphsurgeon as gs
 from graphsurgeon.data import generate_inputs
 from graphsurgeon.detect import detect_profile
 from graphsurgeon.latency import measure_latency
-from graphsurgeon.latency_model import LatencyTable, calibrate, predict
+from graphsurgeon.latency_fit import random_policy
+from graphsurgeon.latency_model import LatencyTable, breakdown, calibrate, fit_corrections, predict
 from graphsurgeon.layers import find_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,45 +58,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def random_policy(layer_ops: dict[str, str], rng: random.Random) -> list[dict]:
-    """One pipeline: per-layer channel ratios and int4 picks, as overrides and targets.
-
-    Each policy first draws how much it compresses (the chance that a layer is touched at
-    all), so that policies range from nearly the original to heavily compressed, as search
-    explores them; each touched layer then draws its own method and strength.
-    """
-    prune: dict[str, float] = {}
-    int4: list[str] = []
-    intensity = rng.random()
-    for lid, op in layer_ops.items():
-        if rng.random() > intensity:
-            continue
-        choice = rng.choice(
-            ["prune25", "prune50", "int4"] if op == "MatMul" else ["prune25", "prune50"]
-        )
-        if choice.startswith("prune"):
-            prune[lid] = 0.25 if choice == "prune25" else 0.5
-        elif choice == "int4":
-            int4.append(lid)
-    steps: list[dict] = []
-    if prune:
-        steps.append(
-            {
-                "name": "prune-channels",
-                "options": {
-                    "ratio": 0.25,
-                    "overrides": {k: {"ratio": v} for k, v in prune.items()},
-                },
-                "targets": {"layers": sorted(prune)},
-            }
-        )
-    if int4:
-        steps.append(
-            {"name": "quantize-weights", "options": {"bits": 4}, "targets": {"layers": int4}}
-        )
-    return steps
-
-
 def build(model_path: Path, shapes: dict, steps: list[dict]):
     model = gs.load(model_path, shapes=shapes)
     gs.run_pipeline(model, "cleanup", verify="off")
@@ -112,13 +75,21 @@ def run_model(name: str, path: Path, args: argparse.Namespace, profile) -> dict:
     rng = random.Random(args.seed)
     table = LatencyTable(profile.name)
     t0 = time.perf_counter()
-    calibrate(base, profile, table, repeats=args.repeats)
-    for _ in range(args.train):
-        calibrate(
-            build(path, shapes, random_policy(layer_ops, rng)), profile, table, repeats=args.repeats
+    samples = []
+    for i in range(args.train + 1):
+        model = base if i == 0 else build(path, shapes, random_policy(layer_ops, rng))
+        calibrate(model, profile, table, repeats=args.repeats)
+        feed = generate_inputs(model, seed=0)
+        stats = measure_latency(
+            _serialize(model), [feed], threads=profile.measurement.threads, repeats=args.repeats
         )
+        samples.append((breakdown(model, profile, table)[0], stats.median_s))
+    # the node table alone (uncorrected), then the whole-model corrections fitted on the
+    # same training models (no test policy is ever seen by the fit)
+    raw_table = LatencyTable(table.profile, dict(table.entries))
+    fit_error = fit_corrections(samples, profile, table)
     calibration_s = time.perf_counter() - t0
-    predicted, measured, t_predict, t_measure, coverage = [], [], [], [], []
+    predicted, raw, measured, t_predict, t_measure, coverage = [], [], [], [], [], []
     for i in range(args.policies):
         steps = random_policy(layer_ops, rng)
         model = build(path, shapes, steps)
@@ -133,6 +104,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace, profile) -> dict:
         )
         t_measure.append(time.perf_counter() - t0)
         predicted.append(guess.seconds)
+        raw.append(predict(model, profile, raw_table).seconds)
         measured.append(stats.median_s)
         print(
             f"  {name} policy {i + 1:>2}: predicted {guess.seconds * 1e3:8.3f} ms  "
@@ -140,7 +112,12 @@ def run_model(name: str, path: Path, args: argparse.Namespace, profile) -> dict:
             flush=True,
         )
     rho = spearman(predicted, measured)
+    rho_raw = spearman(raw, measured)
     result = {
+        "spearman_uncorrected": rho_raw,
+        "fit_rms_relative_error": fit_error,
+        "scales": table.scales,
+        "offset_ms": table.offset * 1e3,
         "model": name,
         "policies": args.policies,
         "train_policies": args.train,
@@ -155,7 +132,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace, profile) -> dict:
     }
     speed = result["measure_s_median"] / result["predict_s_median"]
     print(
-        f"{name}: Spearman {rho:.3f} (target >= 0.9) {'OK' if rho >= 0.9 else 'MISSED'}; "
+        f"{name}: Spearman {rho:.3f} (target >= 0.9) {'OK' if rho >= 0.9 else 'MISSED'}, "
+        f"node table alone {rho_raw:.3f}; "
         f"predict {result['predict_s_median'] * 1e3:.1f} ms vs measure "
         f"{result['measure_s_median'] * 1e3:.1f} ms per policy ({speed:.1f}x faster); "
         f"table {len(table.entries)} entries, {result['table_coverage_mean']:.0%} of nodes covered",

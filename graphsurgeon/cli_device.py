@@ -71,7 +71,18 @@ def cmd_profile_calibrate(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     model = load(args.model, shapes=parse_shape_args(args.shape))
     table = LatencyTable.load(profile)
-    added = calibrate(model, profile, table)
+    if args.policies:
+        from graphsurgeon.latency_fit import calibrate_policies
+
+        summary = calibrate_policies(model, profile, table, policies=args.policies, log=print)
+        added = summary["added"]
+        print(
+            f"corrections fitted on {summary['measured']} measured models "
+            f"(RMS relative error {summary['fit_rms_relative_error']:.1%}): "
+            + ", ".join(f"{op} x{s:.2f}" for op, s in sorted(table.scales.items()))
+        )
+    else:
+        added = calibrate(model, profile, table)
     path = table.save(profile)
     guess = predict(model, profile, table)
     print(
@@ -135,6 +146,12 @@ def add_device_commands(sub: argparse._SubParsersAction, add_shape) -> None:  # 
     q = psub.add_parser("calibrate", help="fill the per-layer latency table for a model")
     q.add_argument("model")
     q.add_argument("--profile", required=True, help="shipped name or YAML file")
+    q.add_argument(
+        "--policies",
+        type=int,
+        default=0,
+        help="also measure N random compressed variants whole and fit per-op corrections",
+    )
     add_shape(q)
     q.set_defaults(func=cmd_profile_calibrate)
 

@@ -10,6 +10,14 @@ one per profile, cached under ``~/.cache/graphsurgeon/latency`` (``GRAPHSURGEON_
 
 The roofline estimate of any node is ``max(flops / peak[dtype], bytes / bandwidth)`` plus the
 per-node launch overhead: the time of whichever of compute and memory traffic is the bottleneck.
+
+A node timed alone is not the node inside the model: onnxruntime fuses neighbours (QDQ pairs
+into int8 kernels, MatMul+Add, Gelu, LayerNorm), and a weight read cold in a sequence of layers
+costs more than one read hot in a loop. ``fit_corrections`` learns that gap from whole models
+measured end to end: the prediction becomes ``offset + sum over op types of scale[op] x (the
+table/roofline time of that op type's nodes)``, with the scales fitted by least squares,
+regularized toward 1 (no correction) so that a few measured models cannot overfit, and kept
+non-negative. The scales live in the table's file beside the entries.
 """
 
 from __future__ import annotations
@@ -102,6 +110,9 @@ def _attr_value(attr: ir.Attr) -> object:
 class LatencyTable:
     profile: str
     entries: dict[str, float] = field(default_factory=dict)
+    #: per op type multipliers and a constant (seconds), fitted on whole models
+    scales: dict[str, float] = field(default_factory=dict)
+    offset: float = 0.0
 
     @classmethod
     def path_for(cls, profile: HardwareProfile) -> Path:
@@ -113,7 +124,12 @@ class LatencyTable:
         path = cls.path_for(profile)
         if path.is_file():
             data = json.loads(path.read_text())
-            return cls(profile.name, {k: float(v) for k, v in data["entries"].items()})
+            return cls(
+                profile.name,
+                {k: float(v) for k, v in data["entries"].items()},
+                {k: float(v) for k, v in data.get("scales", {}).items()},
+                float(data.get("offset", 0.0)),
+            )
         return cls(profile.name)
 
     def save(self, profile: HardwareProfile) -> Path:
@@ -121,7 +137,15 @@ class LatencyTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             json.dump(
-                {"profile": self.profile, "entries": self.entries}, f, indent=1, sort_keys=True
+                {
+                    "profile": self.profile,
+                    "entries": self.entries,
+                    "scales": self.scales,
+                    "offset": self.offset,
+                },
+                f,
+                indent=1,
+                sort_keys=True,
             )
         return path
 
@@ -216,42 +240,103 @@ def roofline_seconds(
     return max(compute, memory)
 
 
-def predict(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> Prediction:
-    """Estimated latency of ``model``: the table for known nodes, the roofline for the rest.
-
-    A layer missing from the table is charged its FLOPs and weight bytes; any other node one
-    memory-bound pass over its output. The session's launch overhead is paid once.
-    """
+def breakdown(
+    model: ir.Model, profile: HardwareProfile, table: LatencyTable
+) -> tuple[dict[str, float], int, int]:
+    """Uncorrected seconds per op type (table or roofline), nodes from the table, from the
+    roofline. A layer missing from the table is charged its FLOPs and weight bytes; any other
+    node one memory-bound pass over its output."""
     annotate_runtime_shapes(model)
     stats = model_stats(model)
     constants = _constant_names(model)
     layers = {layer.node: layer for layer in find_layers(model)}
-    total, hits, misses = _launch_overhead(profile), 0, 0
+    per_op: dict[str, float] = {}
+    hits = misses = 0
     for node in model.graph:
         if node.outputs and node.outputs[0].name in constants:
             continue
         layer = layers.get(node)
         sig = node_signature(node, layer)
         if sig is not None and sig in table.entries:
-            total += table.entries[sig]
+            seconds = table.entries[sig]
             hits += 1
-            continue
-        misses += 1
-        if layer is not None:
-            flops = stats.layers[layer.id].flops or 0
-            dtype = _DTYPE.get(layer.weight.dtype.name, "fp32")
-            total += roofline_seconds(profile, flops, layer.weight.nbytes, dtype)
-            continue
-        out = node.outputs[0] if node.outputs else None
-        dims = static_dims(out.shape) if out is not None else None
-        total += roofline_seconds(profile, 0, 8 * int(np.prod(dims)) if dims else 0)
-    return Prediction(total, hits, misses)
+        else:
+            misses += 1
+            if layer is not None:
+                flops = stats.layers[layer.id].flops or 0
+                dtype = _DTYPE.get(layer.weight.dtype.name, "fp32")
+                seconds = roofline_seconds(profile, flops, layer.weight.nbytes, dtype)
+            else:
+                out = node.outputs[0] if node.outputs else None
+                dims = static_dims(out.shape) if out is not None else None
+                seconds = roofline_seconds(profile, 0, 8 * int(np.prod(dims)) if dims else 0)
+        per_op[node.op_type] = per_op.get(node.op_type, 0.0) + seconds
+    return per_op, hits, misses
+
+
+def _corrected(per_op: dict[str, float], profile: HardwareProfile, table: LatencyTable) -> float:
+    total = sum(table.scales.get(op, 1.0) * t for op, t in per_op.items())
+    return _launch_overhead(profile) + table.offset + total
+
+
+def predict(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> Prediction:
+    """Estimated latency of ``model``: the table for known nodes, the roofline for the rest,
+    corrected per op type (see :func:`fit_corrections`); the launch overhead is paid once."""
+    per_op, hits, misses = breakdown(model, profile, table)
+    return Prediction(max(0.0, _corrected(per_op, profile, table)), hits, misses)
+
+
+def fit_corrections(
+    samples: list[tuple[dict[str, float], float]],
+    profile: HardwareProfile,
+    table: LatencyTable,
+    *,
+    strength: float = 0.1,
+) -> float:
+    """Fit ``table.scales`` and ``table.offset`` to whole-model measurements.
+
+    ``samples`` are ``(breakdown per op type, measured seconds)``. Minimizes
+    ``sum_i (y_i - c - sum_op a_op x_i,op)^2 + strength * n * sum_op s_op^2 (a_op - 1)^2`` with
+    ``s_op`` the op type's typical time, so the penalty is in seconds like the residuals and
+    an op type the samples do not tell apart stays at 1. Returns the RMS relative error after
+    the fit, on the samples.
+    """
+    if len(samples) < 2:
+        raise ValueError("fit_corrections needs at least two measured models")
+    ops = sorted({op for per_op, _ in samples for op in per_op})
+    x = np.array([[per_op.get(op, 0.0) for op in ops] for per_op, _ in samples])
+    y = np.array([t - _launch_overhead(profile) for _, t in samples])
+    n, k = x.shape
+    typical = np.maximum(np.median(np.abs(x), axis=0), 1e-9)
+    weight = np.sqrt(strength * n) * typical
+    # unknowns: [c, a_1..a_k]; the penalty rows pull each a_op toward 1 (and leave c free)
+    a_rows = np.hstack([np.ones((n, 1)), x])
+    p_rows = np.hstack([np.zeros((k, 1)), np.diag(weight)])
+    lhs = np.vstack([a_rows, p_rows])
+    rhs = np.concatenate([y, weight])
+    for _ in range(k + 1):  # non-negative scales: drop negatives to 0 and refit the rest
+        coef, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
+        negative = [i for i in range(k) if coef[1 + i] < 0]
+        if not negative:
+            break
+        for i in negative:
+            lhs[:, 1 + i] = 0.0
+            rhs_fix = rhs.copy()
+            rhs_fix[n + i] = 0.0
+            rhs = rhs_fix
+    table.offset = float(coef[0])
+    table.scales = {op: float(max(0.0, coef[1 + i])) for i, op in enumerate(ops)}
+    predicted = np.array([_corrected(per_op, profile, table) for per_op, _ in samples])
+    measured = np.array([t for _, t in samples])
+    return float(np.sqrt(np.mean(((predicted - measured) / measured) ** 2)))
 
 
 __all__ = [
     "LatencyTable",
     "Prediction",
+    "breakdown",
     "calibrate",
+    "fit_corrections",
     "node_signature",
     "predict",
     "roofline_seconds",

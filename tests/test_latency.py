@@ -128,3 +128,35 @@ def test_outputs_of_the_timed_session_are_right() -> None:
 def test_bad_arguments(feeds, kwargs) -> None:
     with pytest.raises(ValueError):
         measure_latency(_tiny_model(), feeds, **kwargs)
+
+
+def test_fit_corrections_recovers_fusion_scales_and_keeps_unseen_ops_at_one() -> None:
+    """Whole-model times made from known per-op scales (BatchNormalization fused away: 0, Conv
+    slower in the model than alone: 1.5) come back from the fit; an op type whose time never
+    varies across samples stays near 1 (the regularization), and no scale is negative."""
+    from graphsurgeon.latency_model import LatencyTable, fit_corrections
+    from graphsurgeon.profiles import load_profile
+
+    profile = load_profile("x86-avx512-vnni")
+    rng = np.random.default_rng(0)
+    truth = {"Conv": 1.5, "BatchNormalization": 0.0, "Gemm": 1.0}
+    samples = []
+    for _ in range(12):
+        per_op = {
+            "Conv": float(rng.uniform(1e-4, 5e-4)),
+            "BatchNormalization": float(rng.uniform(1e-5, 5e-5)),
+            "Gemm": float(rng.uniform(1e-4, 2e-4)),
+            "Relu": 2e-5,  # constant: the samples cannot tell its scale from the offset
+        }
+        seconds = 3e-5 + sum(truth.get(op, 1.0) * t for op, t in per_op.items())
+        samples.append((per_op, seconds + 2e-6))  # + the launch overhead predict adds back
+    table = LatencyTable(profile.name)
+    error = fit_corrections(samples, profile, table, strength=1e-4)
+    assert error < 0.02
+    assert table.scales["Conv"] == pytest.approx(1.5, abs=0.05)
+    assert table.scales["BatchNormalization"] == pytest.approx(0.0, abs=0.1)
+    assert table.scales["Gemm"] == pytest.approx(1.0, abs=0.1)
+    assert table.scales["Relu"] == pytest.approx(1.0, abs=0.2)
+    assert all(s >= 0 for s in table.scales.values())
+    with pytest.raises(ValueError, match="at least two"):
+        fit_corrections(samples[:1], profile, table)
