@@ -62,12 +62,13 @@ class UnsupportedOpError(GraphSurgeonError):
 
     def __init__(self, node: ir.Node, detail: str | None = None) -> None:
         domain = node.domain or "ai.onnx"
-        what = detail or f"op {node.op_type} (domain {domain})"
-        super().__init__(
-            f"training bridge: unsupported {what} at node {node.name or '<unnamed>'!r} "
-            f"({node.op_type}, domain {domain}); register one with "
-            "graphsurgeon.training.register_op"
-        )
+        where = f"node {node.name or '<unnamed>'!r} ({domain}::{node.op_type})"
+        if detail is None:
+            problem = f"no torch implementation of op {node.op_type} (domain {domain})"
+            hint = "; add one with graphsurgeon.training.register_op"
+        else:
+            problem, hint = f"{detail} is not supported", ""
+        super().__init__(f"training bridge: {where}: {problem}{hint}")
 
 
 class GraphModule(nn.Module):
