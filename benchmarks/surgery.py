@@ -19,7 +19,7 @@ the prune-only row of the same setting, and the table says how many.
 
 Rows that share leading steps (the pruning, the fitted skips) run them once and continue from
 a copy; a row's time is the sum over all its steps. Every trained row spends the same S
-optimizer steps (same batch size and learning rate). Distillation matches outputs (KD with
+optimizer steps (same batch size, the pass's default learning rate). Distillation matches outputs (KD with
 temperature, plus the labels where the data has them) and no intermediate features: a skip
 adds to its destination layer's output, and matching that layer's own output to the
 teacher's would pull against the skip.
@@ -197,11 +197,10 @@ def _train(model: Model, name: str, steps: int, passes: dict[str, type]) -> dict
         "steps": steps,
         "progress": False,
         "batch_size": model.batch_size,
-        "lr": 1e-3,
         "feature_layers": "none",
     }
     for extra in ({"teacher": str(model.path)}, {}):
-        for drop in ((), ("feature_layers",), ("feature_layers", "batch_size", "lr")):
+        for drop in ((), ("feature_layers",), ("feature_layers", "batch_size")):
             options = {k: v for k, v in {**common, **extra}.items() if k not in drop}
             try:
                 cls.Options(**options)
