@@ -1,9 +1,11 @@
 """Run search evaluations as Ray tasks, on a local head or across a cluster.
 
 Why Ray: a search may evaluate thousands of policies, each an independent apply-verify-score
-job. Ray tasks spread them over every core of every machine in a cluster with no shared
-filesystem; the evaluation function (which closes over the model and the data) is put into
-the object store once and shared by every task instead of being pickled per item.
+job. Ray tasks spread them over every core of every machine of a cluster. The evaluation
+function is put into the object store once per map and deserialized once per worker process,
+so whatever it loads lazily onto itself stays loaded for the next items. (The search's
+evaluation task reads the model and data files by path: on a multi-machine cluster they must
+exist at the same path on every node.)
 
 A failing item never stops the map: an exception raised by ``fn`` comes back as that item's
 result (with the remote traceback attached as a note), and so does a task Ray itself could not
@@ -91,8 +93,16 @@ class RayExecutor(Executor):
                 else:
                     self._start_local_head(workers)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = f"ray address {self.address}" if self.address else "local ray head"
-                raise GraphSurgeonError(f"cannot start {where}: {exc}") from exc
+                self._owns_ray = False
+                if self.address:
+                    problem = (
+                        f"--ray-address/RAY_ADDRESS {self.address}: cannot connect to the Ray "
+                        f"cluster ({exc}); a cluster with token authentication also needs "
+                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+                    )
+                else:
+                    problem = f"--executor ray: cannot start a local Ray head ({exc})"
+                raise GraphSurgeonError(problem) from exc
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_call)
 
     def _start_local_head(self, workers: int) -> None:
