@@ -268,6 +268,24 @@ def test_int8_kernel_skips_the_sums_zero_points_cancel():
     np.testing.assert_array_equal(got, ref.int8_matmul(u8, b, 128, 0))
 
 
+def test_digits_lowered_runs_like_onnxruntime(digits, tmp_path):
+    """The bundle's path: prune-nm, lower-kernels, save, load, run with the kernels (Conv and
+    the rest through the bridge's torch ops) -> the logits ORT gives the pruned model."""
+    pytest.importorskip("graphsurgeon.training")
+    from graphsurgeon.kernels.triton.bind import load_lowered
+
+    import graphsurgeon as gs
+    from graphsurgeon.data import load_npz
+
+    pruned = gs.run_pipeline(gs.load(digits["model"]), {"steps": ["cleanup", "prune-nm"]}).model
+    feeds = load_npz(digits["test"], pruned).feeds(8, batch_size=8)[0]
+    expected = run(make_session(pruned), feeds)["logits"]
+    lowered = gs.run_pipeline(pruned, "lower-kernels", verify="off").model
+    gs.save(lowered, tmp_path / "lowered.onnx")
+    runner = load_lowered(gs.load(tmp_path / "lowered.onnx"), device=DEVICE, half=False)
+    np.testing.assert_allclose(runner(feeds)["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
 # -- errors, autotune -------------------------------------------------------------------------
 def test_without_gpu_or_interpreter_the_error_says_so(monkeypatch):
     if torch.cuda.is_available():

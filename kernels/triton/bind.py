@@ -119,7 +119,9 @@ def load_lowered(
     register()
     from graphsurgeon.training import to_torch
 
-    module = to_torch(model, trainable=False).to(device).eval()
+    # trainable=True then frozen: the bridge hooks pruning masks onto trainable weights only,
+    # and refuses masks on frozen ones
+    module = to_torch(model).requires_grad_(False).to(device).eval()
     if half:
         module = module.half()
     float_dtype = torch.float16 if half else torch.float32
