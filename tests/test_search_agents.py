@@ -241,10 +241,18 @@ def test_tune_search_picks_hyperparameters_from_the_declaration() -> None:
         tune_search("ppo", space, inner, 2, objectives=OBJECTIVES, tune=["mutation"])
 
 
-def test_registry_finds_both() -> None:
+def test_registry_finds_both_and_bad_options_are_one_line_errors() -> None:
     assert get_strategy("ppo") is PPOStrategy and get_strategy("bo") is BOStrategy
     with pytest.raises(GraphSurgeonError, match="unknown option"):
         PPOStrategy(toy_space(2), OBJECTIVES, learning_rate=1.0)
+    with pytest.raises(GraphSurgeonError, match="option lr: expected float, got 'fast'"):
+        PPOStrategy(toy_space(2), OBJECTIVES, lr="fast")
+    with pytest.raises(GraphSurgeonError, match=r"option clip: 2.0 is not \[0.001, 1.0\]"):
+        PPOStrategy(toy_space(2), OBJECTIVES, clip=2)
+    with pytest.raises(GraphSurgeonError, match="option sampler: tpe or nsga2, not 'cmaes'"):
+        BOStrategy(toy_space(2), OBJECTIVES, sampler="cmaes")
+    with pytest.raises(GraphSurgeonError, match="n_startup_trials: expected a positive integer"):
+        BOStrategy(toy_space(2), OBJECTIVES, n_startup_trials=2.5)
 
 
 # -- ray ------------------------------------------------------------------------------------

@@ -71,23 +71,35 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+def _count(key: str, value: Any) -> int:
+    """A positive integer strategy option, or a one-line error naming it."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = 0
+    if v < 1 or v != value:
+        raise GraphSurgeonError(
+            f"strategy bo: --strategy-option {key}: expected a positive integer, got {value!r}"
+        )
+    return v
+
+
 def _sampler(kind: str, seed: int, hyper: dict[str, Any]) -> optuna.samplers.BaseSampler:
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            population_size=int(hyper["population_size"]), seed=seed
-        )
+        size = _count("population_size", hyper["population_size"])
+        return optuna.samplers.NSGAIISampler(population_size=max(2, size), seed=seed)
     if kind == "tpe":
         with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(
-                n_startup_trials=int(hyper["n_startup_trials"]),
-                n_ei_candidates=int(hyper["n_ei_candidates"]),
+                n_startup_trials=_count("n_startup_trials", hyper["n_startup_trials"]),
+                n_ei_candidates=_count("n_ei_candidates", hyper["n_ei_candidates"]),
                 multivariate=bool(hyper.get("multivariate", True)),
                 group=bool(hyper.get("group", False)),
                 constant_liar=True,  # batches are asked before they are told
                 seed=seed,
             )
-    raise GraphSurgeonError(f"strategy bo: sampler must be tpe or nsga2, not {kind!r}")
+    raise GraphSurgeonError(f"strategy bo: --strategy-option sampler: tpe or nsga2, not {kind!r}")
 
 
 class BOStrategy(Strategy):

@@ -171,6 +171,20 @@ class _Adam:
                 a.copy_(b)
 
 
+def _number(key: str, value: Any, kind: type, low: float, high: float | None = None) -> Any:
+    """A numeric strategy option, or a one-line error naming it."""
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise GraphSurgeonError(
+            f"strategy ppo: --strategy-option {key}: expected {kind.__name__}, got {value!r}"
+        ) from None
+    if v < low or (high is not None and v > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise GraphSurgeonError(f"strategy ppo: --strategy-option {key}: {v} is not {bound}")
+    return v
+
+
 def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, -1e9)
 
@@ -220,20 +234,22 @@ class PPOStrategy(Strategy):
     ) -> None:
         super().__init__(space, objectives, seed=seed, **hyper)
         h = {**self.defaults, **hyper}
-        self.lam = None if h["lam"] is None else float(h["lam"])
-        self.pop_size = int(h["episodes"])  # the batch the tune loop asks for: one PPO update
-        self.lr = float(h["lr"])
-        self.entropy_coef = float(h["entropy_coef"])
-        self.clip = float(h["clip"])
-        self.epochs = int(h["epochs"])
-        self.gae_lambda = float(h["gae_lambda"])
-        self.bins = int(h["bins"])
-        self.removal_penalty = float(h["removal_penalty"])
-        self.complexity_weight = float(h["complexity_weight"])
-        self.diversity_weight = float(h["diversity_weight"])
-        self.failure_penalty = float(h.get("failure_penalty", 1.0))
-        self.value_coef = float(h.get("value_coef", 0.5))
-        self.minibatch = int(h.get("minibatch", 256))
+        self.lam = None if h["lam"] is None else _number("lam", h["lam"], float, 0.0)
+        # the batch the tune loop asks for (it reads pop_size): the episodes of one PPO update
+        self.pop_size = _number("episodes", h["episodes"], int, 1)
+        self.lr = _number("lr", h["lr"], float, 1e-8, 1.0)
+        self.entropy_coef = _number("entropy_coef", h["entropy_coef"], float, 0.0)
+        self.clip = _number("clip", h["clip"], float, 1e-3, 1.0)
+        self.epochs = _number("epochs", h["epochs"], int, 1)
+        self.gae_lambda = _number("gae_lambda", h["gae_lambda"], float, 0.0, 1.0)
+        self.bins = _number("bins", h["bins"], int, 2)
+        self.removal_penalty = _number("removal_penalty", h["removal_penalty"], float, 0.0)
+        self.complexity_weight = _number("complexity_weight", h["complexity_weight"], float, 0.0)
+        self.diversity_weight = _number("diversity_weight", h["diversity_weight"], float, 0.0)
+        self.failure_penalty = _number("failure_penalty", h.get("failure_penalty", 1.0), float, 0)
+        self.value_coef = _number("value_coef", h.get("value_coef", 0.5), float, 0.0)
+        self.minibatch = _number("minibatch", h.get("minibatch", 256), int, 1)
+        hidden = _number("hidden", h["hidden"], int, 1)
         self.reference: dict[str, float] = {
             k: float(v) for k, v in (h.get("reference") or {}).items()
         }
@@ -247,8 +263,9 @@ class PPOStrategy(Strategy):
         )
         feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
         self.features = torch.as_tensor(np.clip(feats, -5.0, 5.0), dtype=torch.float32)
-        torch.manual_seed(seed)  # the initial weights are part of the seed
-        self.net = _Controller(self.features.shape[1], self.layout, int(h["hidden"]))
+        with torch.random.fork_rng(devices=[]):  # seed the initial weights, not the process
+            torch.manual_seed(seed)
+            self.net = _Controller(self.features.shape[1], self.layout, hidden)
         self.optim = _Adam(list(self.net.parameters()), lr=self.lr)
         self.gen = torch.Generator().manual_seed(seed)
         self.reward_stats = [0, 0.0, 0.0]  # Welford: count, mean, M2
