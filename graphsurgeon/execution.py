@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ def make_session(
         if threads:
             options.intra_op_num_threads = threads
     providers = providers or ["CPUExecutionProvider"]
+    if any(node.domain == CUSTOM_DOMAIN for node in model.graph.all_nodes()):
+        return _ReferenceSession(model)  # type: ignore[return-value]
     if has_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         tmp = Path(tempfile.mkdtemp(prefix="gs-ort-"))
         try:
@@ -48,6 +51,42 @@ def make_session(
             shutil.rmtree(tmp, ignore_errors=True)
     data = ir.to_proto(model).SerializeToString()
     return _session(data, options, providers)
+
+
+CUSTOM_DOMAIN = "graphsurgeon"
+
+
+class _ReferenceSession:
+    """The session interface over onnx's reference evaluator with our kernels' numpy
+    references: models lowered to ``graphsurgeon`` custom ops (``lower-kernels``) do not load
+    in onnxruntime, but verification and metrics still need their numbers (slowly)."""
+
+    @dataclass
+    class _Arg:
+        name: str
+
+    def __init__(self, model: ir.Model) -> None:
+        from graphsurgeon.kernels.reference import evaluator
+
+        proto = ir.to_proto(model)
+        try:
+            self._evaluator = evaluator(proto)
+        except Exception as e:
+            raise GraphSurgeonError(f"the reference evaluator cannot load the model: {e}") from None
+        self._inputs = [
+            self._Arg(v.name) for v in model.graph.inputs if not v.is_initializer() and v.name
+        ]
+        self._outputs = [self._Arg(v.name) for v in model.graph.outputs if v.name]
+
+    def get_inputs(self) -> list[_Arg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Arg]:
+        return list(self._outputs)
+
+    def run(self, names, feed, _options=None) -> list[np.ndarray]:
+        wanted = names or [o.name for o in self._outputs]
+        return list(self._evaluator.run(wanted, feed))
 
 
 def _session(
