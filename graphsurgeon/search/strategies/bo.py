@@ -134,6 +134,7 @@ class BOStrategy(Strategy):
                 [{p: distribution(s) for p, s in spaces.items()} for spaces in slot.spaces]
             )
         self.told = 0
+        self.generation = 0  # told batches (the database's lineage)
         self.finished: list[dict[str, Any]] = []  # every told trial: the resumable state
         self.pending: dict[str, list[optuna.Trial]] = {}  # policy key -> trials asked
         self.study = self._new_study(seed)
@@ -236,6 +237,7 @@ class BOStrategy(Strategy):
                 self._add(params, values, violation)
             self.finished.append({"params": params, "values": values, "violation": violation})
             self.told += 1
+        self.generation += 1
 
     def _add(self, params: dict[str, Any], values: list[float] | None, violation: float) -> None:
         try:
@@ -252,12 +254,18 @@ class BOStrategy(Strategy):
 
     # -- resume --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "told": self.told, "trials": list(self.finished)}
+        return {
+            **super().state_dict(),
+            "told": self.told,
+            "generation": self.generation,
+            "trials": list(self.finished),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the study from the finished trials (pending ones were never scored)."""
         super().load_state_dict(state)
         self.told = int(state.get("told", 0))
+        self.generation = int(state.get("generation", 0))
         self.finished = list(state.get("trials", []))
         # a fresh sampler seed: the resumed run must not replay the first run's proposals
         self.study = self._new_study(self.seed + 1 + self.told)

@@ -272,6 +272,7 @@ class PPOStrategy(Strategy):
         self.worst = math.inf
         self.told = 0
         self.history: list[dict[str, float]] = []  # per told batch: mean/best reward
+        self.generation = 0
 
     # -- episodes ---------------------------------------------------------------------
     def _episodes(
@@ -424,6 +425,7 @@ class PPOStrategy(Strategy):
         m_act, p_act = self._to_actions(xs)
         rewards = rewards + self.diversity_weight * self._diversity(m_act)
         self.history.append({"mean": float(rewards.mean()), "best": float(rewards.max())})
+        self.generation = len(self.history)  # PPO updates so far (the database's lineage)
         self.told += len(xs)
         self._update(m_act, p_act, self._standardize(rewards))
 
@@ -493,4 +495,5 @@ class PPOStrategy(Strategy):
         self.worst = math.inf if state["worst"] is None else float(state["worst"])
         self.told = int(state["told"])
         self.history = list(state["history"])
+        self.generation = len(self.history)
         self.initial = [np.asarray(x, dtype=np.float64) for x in state["initial"]]
