@@ -334,6 +334,12 @@ def test_masks_stay_zero_and_metadata_stays_valid(digits) -> None:
     assert np.all(weight[~mask] == 0)
     assert np.count_nonzero(weight[mask]) > 0.99 * mask.sum()
     np.testing.assert_array_equal(read_mask(model, layer.id), mask)  # CRC still matches
+    frozen = to_torch(model, trainable=False)  # inference only: masks need no gradient hook
+    assert not any(p.requires_grad for p in frozen.parameters())
+    frozen.set_trainable([layer.weight_value.name])  # now it trains: the hook is added
+    frozen(input=x)["logits"].sum().backward()
+    grad = frozen.param(layer.weight_value.name).grad.numpy()
+    assert np.all(grad[~mask] == 0) and np.any(grad[mask] != 0)
 
 
 def test_qdq_model_is_fake_quant_and_keeps_its_int8_form(digits) -> None:

@@ -111,6 +111,7 @@ class GraphModule(nn.Module):
                 self.register_buffer(key, _tensor(array), persistent=False)
                 self._buffer_names[name] = key
         self.masks: dict[str, torch.Tensor] = {}
+        self._hooked: set[str] = set()
         self.mask_layers: dict[str, str] = {}  # layer id -> parameter name
         self._dense_grads: dict[str, torch.Tensor] | None = None
         self._read_masks(model)
@@ -162,17 +163,22 @@ class GraphModule(nn.Module):
                 )
         for name, param in self.named_weights():
             param.requires_grad_(wanted is None or name in wanted)
+            self._hook(name)
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         """Keep ``name`` zero where ``mask`` is False (also zeroes it now)."""
         param = self.param(name)
-        mask = mask.to(torch.bool)
-        first = name not in self.masks
-        self.masks[name] = mask
+        self.masks[name] = mask.to(torch.bool)
         with torch.no_grad():
-            param.mul_(mask.to(param.dtype))
-        if first:
+            param.mul_(self.masks[name].to(param.dtype))
+        self._hook(name)
+
+    def _hook(self, name: str) -> None:
+        """Mask the gradient of a masked weight that trains (a hook needs requires_grad)."""
+        param = self.param(name)
+        if name in self.masks and param.requires_grad and name not in self._hooked:
             param.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
+            self._hooked.add(name)
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         if self._dense_grads is not None:
