@@ -22,7 +22,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import graphsurgeon as gs
-from graphsurgeon.data import load_npz
+from graphsurgeon.data import Dataset, load_npz
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.execution import make_session, run
 from graphsurgeon.layers import find_layers
@@ -413,6 +413,34 @@ def test_matmulnbits_matches_onnxruntime() -> None:
     gs.run_pipeline(model, [{"name": "quantize-weights", "options": {"bits": 4}}])
     assert [n.op_type for n in model.graph] == ["MatMulNBits"]
     assert_matches_ort(model, {"x": rand(2, 64)})
+
+
+def test_matmul_integer_to_float_trains_through_its_int8_weight() -> None:
+    """quantize-int8 writes static-shape MatMuls as com.microsoft MatMulIntegerToFloat; the
+    int8 B trains through its shadow and onnxruntime runs the written-back integers."""
+    model = make_model(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+            oh.make_node("Add", ["h", "b"], ["y"]),
+        ],
+        [vi("x", [4, 16])],
+        [vi("y", [4, 8])],
+        [("W", rand(16, 8)), ("b", rand(8))],
+    )
+    x = rand(64, 16)
+    gs.run_pipeline(model, "quantize-int8", calib=Dataset({"x": x}, None, {"x": True}, 4))
+    assert "MatMulIntegerToFloat" in [n.op_type for n in model.graph]
+    module = to_torch(model)
+    feed = {"x": x[:4]}
+    np.testing.assert_allclose(
+        torch_outputs(module, feed)["y"], run(make_session(model), feed)["y"], atol=1e-5
+    )
+    _train_a_little(module, feed, steps=3)
+    assert "W_quantized" in module.write_back(model)
+    assert model.graph.initializers["W_quantized"].const_value.dtype == ir.DataType.INT8
+    np.testing.assert_allclose(
+        torch_outputs(module, feed)["y"], run(make_session(model), feed)["y"], atol=1e-5
+    )
 
 
 # -- errors and extension -----------------------------------------------------------------------
