@@ -188,7 +188,8 @@ class _Teacher:
             ShapeInferencePass()(model)
         model.graph.outputs.extend(extra)
         try:
-            self.session = execution.make_session(model)
+            # onnxruntime's graph optimizations on: the teacher only has to be fast
+            self.session = execution.make_session(model, optimize=True)
         finally:
             for _ in extra:
                 model.graph.outputs.pop()
