@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -33,9 +33,10 @@ from graphsurgeon.model_io import load
 from graphsurgeon.options import Choice, FloatRange, IntRange, PassOptions, option
 from graphsurgeon.pass_base import GSPass, PassResult
 from graphsurgeon.registry import register
-from graphsurgeon.training import distill_model, to_torch
-from graphsurgeon.training.bridge import GraphModule, _backing_initializer
-from graphsurgeon.training.loop import StepHook
+
+if TYPE_CHECKING:  # torch is imported only when a training pass runs
+    from graphsurgeon.training.bridge import GraphModule
+    from graphsurgeon.training.loop import StepHook
 
 GENERATED_FEEDS = 8
 TRANSFORMER_LR, CNN_LR = 1e-3, 5e-3
@@ -143,6 +144,8 @@ class TrainingPass(GSPass):
 
     def trainable(self, model: ir.Model, module: GraphModule) -> list[str] | None:
         """Initializers of the selected nodes (None: every float initializer)."""
+        from graphsurgeon.training.bridge import _backing_initializer
+
         if self.targets.empty:
             return None
         names = []
@@ -168,6 +171,8 @@ class TrainingPass(GSPass):
         hook: StepHook | None = None,
         module: GraphModule | None = None,
     ) -> dict[str, Any]:
+        from graphsurgeon.training import distill_model, to_torch
+
         opts = self.options
         module = module if module is not None else to_torch(model)
         self.note("lr", self.learning_rate(model))

@@ -22,23 +22,20 @@ rewritten; notes count connections created and dropped per layer.
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import onnx_ir as ir
-import torch
 
 from graphsurgeon.layers import LAYER_ID_KEY, find_layers
 from graphsurgeon.options import Choice, FloatRange, IntRange, option
 from graphsurgeon.pass_base import PassResult
 from graphsurgeon.registry import register
-from graphsurgeon.training import to_torch
-from graphsurgeon.training.bridge import MASK_KEY, GraphModule
-from graphsurgeon.training.loop import StepHook
 
 from .distill import TrainingPass, TrainOptions
-from .pruning import PruneMagnitude
+from .pruning import MASK_KEY, PruneMagnitude
+
+if TYPE_CHECKING:
+    from graphsurgeon.training.bridge import GraphModule
 
 __all__ = ["PruneIterative", "Regrow"]
 
@@ -89,6 +86,9 @@ class PruneIterative(TrainingPass):
     Options = IterativeOptions
 
     def call(self, model: ir.Model) -> PassResult:
+        from graphsurgeon.training import to_torch
+        from graphsurgeon.training.sparse import rewind
+
         opts = self.options
         teacher = self.teacher(model, fallback=True)
         feeds, labels = self.training_data(model)
@@ -109,7 +109,7 @@ class PruneIterative(TrainingPass):
             modified |= prune(model).modified
             module = to_torch(model)
             if opts.rewind:
-                _rewind(module, origin)
+                rewind(module, origin)
             stats = self.train(model, teacher, feeds, labels, module=module)
             modified |= bool(stats["changed"])
             rounds.append(
@@ -144,15 +144,6 @@ class PruneIterative(TrainingPass):
         }
 
 
-def _rewind(module: GraphModule, origin: dict[str, np.ndarray]) -> None:
-    """Surviving weights back to their values at the start of the pass (masks re-applied)."""
-    with torch.no_grad():
-        for name, param in module.named_weights():
-            if name in origin and name not in module.quant:
-                param.copy_(torch.from_numpy(origin[name]).to(param.dtype))
-    module.apply_masks()
-
-
 # -- regrow -----------------------------------------------------------------------------------
 class RegrowOptions(TrainOptions):
     interval: int = option(
@@ -179,71 +170,6 @@ class RegrowOptions(TrainOptions):
     )
 
 
-class _RigL(StepHook):
-    """Drop the smallest active weights and grow where the dense gradient is largest."""
-
-    def __init__(self, layers: dict[str, str], steps: int, opts: RegrowOptions) -> None:
-        self.layers = layers  # layer id -> parameter name
-        self.interval = opts.interval
-        self.drop_fraction = opts.drop_fraction
-        self.end = max(1, int(opts.end_fraction * steps))
-        self.random = opts.criterion == "random"
-        self.rng = torch.Generator().manual_seed(opts.seed)
-        self.created = dict.fromkeys(layers, 0)
-        self.dropped = dict.fromkeys(layers, 0)
-        self.updates = 0
-
-    def wants_gradients(self, step: int) -> bool:
-        return step > 0 and step % self.interval == 0 and step < self.end
-
-    def fraction(self, step: int) -> float:
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.end))
-
-    def after_backward(
-        self,
-        step: int,
-        module: GraphModule,
-        dense: dict[str, torch.Tensor],
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
-        self.updates += 1
-        fraction = self.fraction(step)
-        for lid, name in self.layers.items():
-            param, old = module.param(name), module.masks[name]
-            active = int(old.sum())
-            k = min(int(fraction * active), old.numel() - active)
-            if k <= 0:
-                continue
-            weight = param.detach().abs().flatten()
-            drop_score = torch.where(old.flatten(), weight, torch.full_like(weight, math.inf))
-            new = old.flatten().clone()
-            new[torch.topk(drop_score, k, largest=False).indices] = False
-            if self.random:
-                grow = torch.rand(weight.shape, generator=self.rng, dtype=torch.float64)
-            else:
-                grad = dense.get(name)
-                if grad is None:
-                    continue  # the weight took no part in this step's loss
-                grow = grad.detach().abs().flatten().to(torch.float64)
-            grow = torch.where(new, torch.full_like(grow, -math.inf), grow)
-            new[torch.topk(grow, k).indices] = True
-            new = new.reshape(old.shape)
-            created, dropped = new & ~old, old & ~new
-            with torch.no_grad():
-                param[created] = 0.0  # new connections start at zero: the function is unchanged
-            _reset_moments(optimizer, param, created | dropped)
-            module.set_mask(name, new)
-            self.created[lid] += int(created.sum())
-            self.dropped[lid] += int(dropped.sum())
-
-
-def _reset_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor):
-    state = optimizer.state.get(param, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            state[key][where] = 0.0
-
-
 @register
 class Regrow(TrainingPass):
     """RigL: fixed-sparsity drop-and-grow of connections while distilling from the teacher."""
@@ -253,6 +179,9 @@ class Regrow(TrainingPass):
     Options = RegrowOptions
 
     def call(self, model: ir.Model) -> PassResult:
+        from graphsurgeon.training import to_torch
+        from graphsurgeon.training.sparse import RigL
+
         had_id = {node for node in model.graph if LAYER_ID_KEY in node.metadata_props}
         module = to_torch(model)
         layers = self._layers(model, module)
@@ -264,7 +193,16 @@ class Regrow(TrainingPass):
             return PassResult(model, False)
         teacher = self.teacher(model, fallback=False)
         feeds, labels = self.training_data(model)
-        hook = _RigL(layers, self.options.steps, self.options)
+        opts = self.options
+        hook = RigL(
+            layers,
+            opts.steps,
+            interval=opts.interval,
+            drop_fraction=opts.drop_fraction,
+            end_fraction=opts.end_fraction,
+            criterion=opts.criterion,
+            seed=opts.seed,
+        )
         stats = self.train(model, teacher, feeds, labels, hook=hook, module=module)
         self.note_training(stats)
         self.note("mask_updates", hook.updates)

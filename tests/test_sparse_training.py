@@ -13,14 +13,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from graphsurgeon.passes.pruning import PruneMagnitude, PruneNM, read_mask
-from graphsurgeon.passes.sparse_training import (
-    PruneIterative,
-    Regrow,
-    RegrowOptions,
-    _rewind,
-    _RigL,
-    scheduled_sparsity,
-)
+from graphsurgeon.passes.sparse_training import PruneIterative, Regrow, scheduled_sparsity
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
@@ -31,6 +24,7 @@ from graphsurgeon.layers import find_layers
 from graphsurgeon.options import search_spaces
 from graphsurgeon.registry import get_pass
 from graphsurgeon.training import to_torch
+from graphsurgeon.training.sparse import RigL, rewind
 
 torch.set_num_threads(1)
 
@@ -82,8 +76,7 @@ def test_rigl_drops_smallest_active_and_grows_largest_gradient() -> None:
     mask = weight != 0
     model = one_layer(np.arange(1, 17, dtype=np.float32).reshape(4, 4), mask)
     module = to_torch(model)
-    opts = RegrowOptions(interval=1, drop_fraction=0.5, end_fraction=1.0, steps=100)
-    hook = _RigL({"fc": "W"}, steps=100, opts=opts)
+    hook = RigL({"fc": "W"}, 100, interval=1, drop_fraction=0.5, end_fraction=1.0)
     grad = torch.zeros(4, 4)
     grad[0, 3], grad[1, 1], grad[0, 0] = 5.0, -7.0, 0.5  # |grad| ranks pruned (1,1), (0,3)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
@@ -108,7 +101,7 @@ def test_rewind_restores_survivors_and_keeps_masks() -> None:
     module = to_torch(model)
     with torch.no_grad():
         module.param("W").add_(3.0)
-    _rewind(module, {"W": original})
+    rewind(module, {"W": original})
     np.testing.assert_array_equal(module.param("W").detach().numpy(), original * (original > 8))
 
 
