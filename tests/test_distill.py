@@ -8,6 +8,9 @@ steps <= 0) gets one clear line; without --calib it warns and trains on generate
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -147,3 +150,14 @@ def test_the_teacher_is_the_pipeline_input_kept_only_when_asked(digits, monkeypa
     result = gs.run_pipeline(gs.load(digits["model"]), spec, calib=digits["train"])
     assert made == [1]
     assert result.records[-1].notes["loss_before"] > 1.0
+
+
+def test_registering_the_training_passes_does_not_import_torch() -> None:
+    """torch is needed to train, not to list passes or run other pipelines (CLI start-up)."""
+    code = (
+        "import sys; from graphsurgeon.registry import all_passes; "
+        "assert {'distill', 'regrow', 'prune-iterative'} <= set(all_passes()); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
