@@ -168,6 +168,8 @@ class AddSkips(GSPass):
         reference = self._reference() if opts.fit == "lstsq" else None
         ShapeInferencePass()(model)
         pairs = self._candidates(model)
+        if reference is not None:  # a fit needs the destination's output in the original
+            pairs = [p for p in pairs if self._fittable(reference, p)]
         self.note("candidates", len(pairs))
         if not pairs:
             return PassResult(model, False)
@@ -258,6 +260,16 @@ class AddSkips(GSPass):
             "give options.reference (the original model file), run it in a pipeline, or use "
             "fit: none and run distill"
         )
+
+    def _fittable(self, reference: ir.Model, p: _Pair) -> bool:
+        value = _reference_value(reference, p.dst)
+        if value is None:
+            self.skip(p.dst.node, "fit: no matching layer in the reference")
+            return False
+        if _dims(value) != _dims(p.dst.node.outputs[0]):
+            self.skip(p.dst.node, "fit: its output has another shape in the reference")
+            return False
+        return True
 
     def _fit(
         self, model: ir.Model, ref: np.ndarray | None, feeds, p: _Pair, entry: dict
