@@ -8,6 +8,7 @@ every slot saves bytes), so an improvement can only come from the strategy learn
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -258,7 +259,7 @@ def test_registry_finds_both_and_bad_options_are_one_line_errors() -> None:
 # -- ray ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_executor_on_a_local_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     from graphsurgeon.search.executors import SerialExecutor
     from graphsurgeon.search.ray_executor import RayExecutor
 
@@ -278,7 +279,7 @@ def test_ray_executor_on_a_local_head(monkeypatch: pytest.MonkeyPatch) -> None:
             return x * x, self.calls
 
     try:
-        executor = RayExecutor(2)
+        executor = RayExecutor(2, max_retries=0)
     except GraphSurgeonError as e:  # e.g. a sandbox that forbids the head's sockets
         pytest.skip(f"a local Ray head cannot start here: {e}")
     try:
@@ -298,7 +299,15 @@ def test_ray_executor_on_a_local_head(monkeypatch: pytest.MonkeyPatch) -> None:
         # the caller may stop early: the rest is cancelled, and the next map still works
         for _ in executor.map_unordered(fn, range(100)):
             break
-        assert dict(executor.map_unordered(abs, [-1, -2])) == {0: 1, 1: 2}
+
+        def crash_on_zero(x: int) -> int:
+            if x == 0:
+                os._exit(3)  # a segfaulting kernel, an OOM kill: the worker process dies
+            return abs(x)
+
+        got = dict(executor.map_unordered(crash_on_zero, [-1, 0, -2]))
+        assert got[0] == 1 and got[2] == 2
+        assert isinstance(got[1], ray.exceptions.WorkerCrashedError)
     finally:
         executor.close()
 
