@@ -1,0 +1,166 @@
+"""Hand schedules for the CPU: parallel loops and SIMD where TVM's default build has none.
+
+``tvm.compile`` on an ``llvm`` target lowers every op to naive, single-threaded loop nests;
+that is why an untuned build ran 80x slower than onnxruntime. These rules, applied with
+dlight's ``ApplyDefaultSchedule`` after operator fusion, give every kernel:
+
+- reductions with spatial axes (MatMul, Gemm, Conv, MatMulNBits with its fused dequantization):
+  the innermost spatial axis is split into ``vector`` lanes and moved inside the reduction
+  loops, so the body is ``C[i, j:j+v] += A[i, k] * B[k, j:j+v]`` (an outer-product update
+  LLVM turns into FMAs on whole vectors); ``rows`` output rows are computed per reduction step
+  to reuse each loaded ``B`` vector; the outer spatial loops run in parallel. Fused epilogues
+  (bias, GELU...) are computed per parallel chunk while the output is still in cache.
+- injective kernels (elementwise, transpose, broadcast): loops fused, split by the vector
+  width, outer part parallel, inner part vectorized.
+- softmax / layer norm style kernels: dlight's own CPU ``Reduction`` rule.
+
+``vector``, ``rows`` and whether a kernel is worth parallelizing at all are the knobs that
+:mod:`.tune` searches per kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent, try_inline
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One point of a kernel's schedule space (what the tuner picks per kernel)."""
+
+    vector: int = 0  # lanes of the innermost spatial axis; 0 = the target's SIMD width
+    rows: int = 1  # output rows per reduction step (register reuse of the B vector)
+    parallel: bool = True
+
+
+def simd_lanes(target: Target, bits: int = 32) -> int:
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 4)
+
+
+#: Waking the thread pool costs microseconds: smaller kernels run on the calling thread.
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+def _worth_threads(red) -> bool:
+    """Multiply-adds of a reduction kernel (its iteration domain) above the threshold."""
+    work = 1
+    for extent in red.dom():
+        if not isinstance(extent, int):
+            return True
+        work *= extent
+    return work >= PARALLEL_MIN_ELEMENTS
+
+
+def _divisor_at_most(extent: int, limit: int) -> int:
+    for d in range(min(limit, extent), 0, -1):
+        if extent % d == 0:
+            return d
+    return 1
+
+
+def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Schedule | None:
+    """A schedule for one fused kernel, or None when no rule applies."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline(sch, infos)
+    reductions = [b for b in infos if not b.is_injective()]
+    try:
+        if not reductions:
+            return _injective(sch, infos, target, knobs)
+        if len(reductions) == 1 and reductions[0].dom_kind().startswith("S"):
+            return _reduction(sch, infos, reductions[0], target, knobs)
+    except Exception:  # a primitive refused (ScheduleError): leave the kernel to other rules
+        return None
+    return None
+
+
+def _injective(sch, infos, target, knobs) -> s_tir.Schedule | None:
+    lanes = knobs.vector or simd_lanes(target)
+    for info in infos:
+        loops = sch.get_loops(info.block_rv)
+        if not loops:
+            continue
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = get_extent(sch, fused)
+        if not isinstance(extent, int):
+            return None
+        inner = _divisor_at_most(extent, lanes)
+        if inner > 1:
+            outer, vec = sch.split(fused, factors=[None, inner])
+            sch.vectorize(vec)
+        else:
+            outer = fused
+        if knobs.parallel and extent >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(outer)
+    return sch
+
+
+def _reduction(sch, infos, red, target, knobs) -> s_tir.Schedule | None:
+    block = red.block_rv
+    kinds = red.dom_kind()
+    loops = sch.get_loops(block)
+    spatial = [lp for lp, kind in zip(loops, kinds, strict=False) if kind == "S"]
+    reduce = [lp for lp, kind in zip(loops, kinds, strict=False) if kind == "R"]
+    if not spatial or not reduce or kinds != "S" * len(spatial) + "R" * len(reduce):
+        return None
+    extents = [get_extent(sch, lp) for lp in spatial]
+    if not all(isinstance(e, int) for e in extents):
+        return None
+    lanes = knobs.vector or simd_lanes(target)
+    vec = _divisor_at_most(extents[-1], lanes)
+    j_outer, j_vec = sch.split(spatial[-1], factors=[None, vec])
+    rows_loop = None
+    outer_spatial = spatial[:-1]
+    if knobs.rows > 1 and outer_spatial:
+        rows = _divisor_at_most(extents[-2], knobs.rows)
+        if rows > 1:
+            i_outer, rows_loop = sch.split(outer_spatial[-1], factors=[None, rows])
+            outer_spatial = [*outer_spatial[:-1], i_outer]
+    order = [*outer_spatial, j_outer, *reduce]
+    order += [rows_loop] if rows_loop is not None else []
+    order.append(j_vec)
+    sch.reorder(*order)
+    par = sch.fuse(*outer_spatial, j_outer) if outer_spatial else j_outer
+    for info in infos:  # epilogues (bias, activation) per parallel chunk, while in cache
+        if info.block_rv is not block and info.is_injective():
+            sch.reverse_compute_at(info.block_rv, par)
+            epilogue_loops = sch.get_loops(info.block_rv)
+            if len(epilogue_loops) > 1 and get_extent(sch, epilogue_loops[-1]) == vec > 1:
+                sch.vectorize(epilogue_loops[-1])
+    if vec > 1:  # before the init is split off: vectorizing needs a complete reduction block
+        sch.vectorize(j_vec)
+    if rows_loop is not None:
+        sch.unroll(rows_loop)
+    sch.decompose_reduction(block, reduce[0])  # zeroing hoisted out of the k loop
+    if knobs.parallel and get_extent(sch, par) != 1 and _worth_threads(red):
+        with contextlib.suppress(Exception):  # an epilogue reading across chunks: serial
+            sch.parallel(par)
+    return sch
+
+
+class _Rule(dl.ScheduleRule):
+    """dlight adapter: knobs per kernel from the tuning database, defaults otherwise."""
+
+    def __init__(self, choose) -> None:
+        self.choose = choose
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        return schedule_func(func, target, self.choose(func))
+
+
+def cpu_schedule_pass(choose=lambda func: Knobs()):
+    """``ApplyDefaultSchedule`` with ours first; kernels with several reductions (softmax,
+    layer norm) fall through to dlight's CPU ``Reduction`` rule."""
+    return dl.ApplyDefaultSchedule(_Rule(choose), dl.cpu.Reduction())
