@@ -109,6 +109,10 @@ class TrainingPass(GSPass):
         )
 
     # -- data ----------------------------------------------------------------------------------
+    def batched(self) -> bool | None:
+        """Whether calibration samples are batched along the model's first axis."""
+        return None if self.calib is None else all(self.calib.batched.values())
+
     def training_data(self, model: ir.Model) -> tuple[list[Feed], Any]:
         """Feeds and labels from ``--calib``, else generated feeds (with a warning)."""
         calib: Dataset | None = self.calib
@@ -194,6 +198,7 @@ class TrainingPass(GSPass):
             hook=hook,
             module=module,
             label=self.name,
+            batched=self.batched(),
         )
 
     def learning_rate(self, model: ir.Model) -> float:

@@ -161,3 +161,32 @@ def test_registering_the_training_passes_does_not_import_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def test_inputs_without_a_batch_axis_train_whole_feeds() -> None:
+    """x[3, 4] has no batch axis: feeds are whole inputs, never mixed row by row."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from graphsurgeon.training import distill_model
+    from graphsurgeon.training.loop import _data, _symbolic_batch
+
+    rng = np.random.default_rng(0)
+
+    def model(w: np.ndarray) -> ir.Model:
+        graph = oh.make_graph(
+            [oh.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+            "g",
+            [oh.make_tensor_value_info("x", 1, [3, 4])],
+            [oh.make_tensor_value_info("y", 1, [3, 2])],
+            [nh.from_array(w, "W")],
+        )
+        proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=10)
+        return ir.from_proto(proto)
+
+    teacher = model(rng.standard_normal((4, 2)).astype(np.float32))
+    student = model(np.zeros((4, 2), np.float32))
+    feeds = [{"x": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(4)]
+    assert not _symbolic_batch(student) and _data(feeds, None, 32, 3, False).pool is None
+    stats = distill_model(student, teacher, feeds, steps=60, lr=0.05, progress=False)
+    assert stats["loss_after"] < 0.1 * stats["loss_before"]

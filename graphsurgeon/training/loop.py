@@ -2,11 +2,12 @@
 
 The teacher never trains, so it runs in onnxruntime (faster than the torch interpreter, and it
 may use ops the bridge lacks), with the matched intermediate values exposed as extra outputs.
-Samples: when every feed has the same per-sample shapes they are pooled and each step draws a
-random minibatch (a model with a fixed batch dim gets batches of that size); otherwise (e.g.
-sentences of different lengths) each step takes one whole feed. Adam with a cosine learning
-rate schedule (warmup, then decay); the loss is evaluated on fixed batches before and after training so that the
-reported improvement is not minibatch noise.
+Samples: when the feeds' first axis is the model's batch axis and every feed has the same
+per-sample shapes, they are pooled and each step draws a random minibatch (a model with a
+fixed batch dim gets batches of that size); otherwise (sentences of different lengths, inputs
+without a batch axis) each step takes one whole feed. Adam with linear warmup and cosine
+decay; the loss is evaluated on fixed batches before and after training so that the reported
+improvement is not minibatch noise.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def _data(
     labels: Sequence[np.ndarray] | np.ndarray | None,
     batch_size: int,
     fixed_batch: int | None,
+    batched: bool,
 ) -> _Data:
     if not feeds:
         raise GraphSurgeonError("distillation needs at least one input feed")
@@ -107,8 +109,12 @@ def _data(
         else:
             per_feed = [np.asarray(a) for a in labels]
     keys = set(feeds[0])
-    poolable = all(set(f) == keys for f in feeds) and all(
-        f[k].ndim >= 1 and f[k].shape[1:] == feeds[0][k].shape[1:] for f in feeds for k in keys
+    poolable = (
+        batched
+        and all(set(f) == keys for f in feeds)
+        and all(
+            f[k].ndim >= 1 and f[k].shape[1:] == feeds[0][k].shape[1:] for f in feeds for k in keys
+        )
     )
     if poolable:
         pool = {k: np.concatenate([f[k] for f in feeds], axis=0) for k in keys}
@@ -198,6 +204,14 @@ class _Teacher:
         return {k: torch.from_numpy(v) for k, v in execution.run(self.session, feed).items()}
 
 
+def _symbolic_batch(model: ir.Model) -> bool:
+    """Whether every input's first dim is a free (batch) dim: then samples can be pooled."""
+    return all(
+        v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int)
+        for v in model.graph.inputs
+    )
+
+
 def _fixed_batch(model: ir.Model) -> int | None:
     for value in model.graph.inputs:
         if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
@@ -224,13 +238,16 @@ def distill_model(
     hook: StepHook | None = None,
     module: GraphModule | None = None,
     label: str = "distill",
+    batched: bool | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher`` on ``feeds``; the loss history.
 
     Loss = output KD (logits: softened KL at ``temperature``; other outputs: relative MSE)
     + ``feature_weight`` x relative MSE on ``feature_layers`` + ``label_weight`` x
     cross-entropy when ``labels`` are given. ``trainable``: initializer names to train
-    (None: every float initializer). Returns first/last training loss, the loss on fixed
+    (None: every float initializer). ``batched``: the feeds' first axis is the model's batch
+    axis, so samples are pooled into random minibatches (None: when every model input's
+    first dim is symbolic); otherwise each step takes one whole feed. Returns first/last training loss, the loss on fixed
     batches before and after, steps, seconds, and the initializers that changed.
     """
     if steps <= 0:
@@ -238,7 +255,9 @@ def distill_model(
     if lr <= 0 or temperature <= 0:
         raise GraphSurgeonError("distillation: lr and temperature must be positive")
     start = time.perf_counter()
-    data = _data(feeds, labels, batch_size, _fixed_batch(student))
+    if batched is None:
+        batched = _symbolic_batch(student)
+    data = _data(feeds, labels, batch_size, _fixed_batch(student), batched)
     pairs = feature_pairs(student, teacher, feature_layers)
     teacher_run = _Teacher(teacher, [t for _, _, t in pairs])
     module = module if module is not None else to_torch(student)
