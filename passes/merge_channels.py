@@ -60,6 +60,7 @@ class MergeChannelsOptions(PruneChannelsOptions):
         "prune-channels' refit of the consumers; merge-channels compensates by folding "
         "instead, so it is always off here.",
     )
+    ridge: float = option(1e-2, "Unused here (prune-channels' reconstruction).", gt=0.0)
     min_correlation: float = option(
         0.0,
         "Merge into the best survivor only if |corr| reaches this; below it only the removed "
