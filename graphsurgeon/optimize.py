@@ -618,12 +618,10 @@ def _recover(
     text = json.dumps(spec)
     if "prune" not in text and "factorize" not in text and "share" not in text:
         return {"kept": False, "detail": "the pick does not prune, factorize or share weights"}
-    from graphsurgeon.registry import get_pass
+    import importlib.util
 
-    try:
-        get_pass("distill")
-    except GraphSurgeonError:
-        return {"kept": False, "detail": "distill is not available"}
+    if importlib.util.find_spec("torch") is None:
+        return {"kept": False, "detail": "distill needs torch (pip install 'graphsurgeon[train]')"}
     from graphsurgeon.pipeline import run_pipeline
 
     model = load(chosen_path)
