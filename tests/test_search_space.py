@@ -137,6 +137,18 @@ def test_removal_and_channel_groups_on_a_residual_mlp(tmp_path):
     got = run(make_session(result.model), feed)["y"]
     w3 = nh.to_array(proto.graph.initializer[2])
     np.testing.assert_allclose(got, feed["x"] @ w3, rtol=1e-5, atol=1e-5)  # y = x W3
+    # removal runs first, on the graph its units were found on, whatever else is chosen
+    head = by_id["head/fc"]
+    with_head = Policy(
+        (
+            policy.decisions[0],
+            policy.decisions[1],
+            Decision(head.id, tuple(head.layers), "prune-magnitude", (("sparsity", 0.5),)),
+        )
+    )
+    spec = with_head.to_pipeline()
+    assert [s["name"] for s in spec["steps"]] == ["remove-layers", "prune-magnitude"]
+    gs.run_pipeline(gs.load(path), spec)
 
 
 def test_features_describe_each_slot(digits, digits_space):

@@ -20,7 +20,7 @@ from graphsurgeon.errors import GraphSurgeonError
 #: sparsity and factorization on float weights, then the encodings that consume float weights
 #: (codebooks, low-bit codes, int8), so no pass sees another pass's packed output.
 STEP_ORDER = (
-    "remove-layers",
+    "remove",  # remove-layers: units are found on the unmodified graph
     "prune-channels",
     "prune-magnitude",
     "prune-nm",
