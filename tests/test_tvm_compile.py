@@ -236,6 +236,8 @@ def test_unknown_op_is_named(tmp_path):
 def test_bad_arguments(tmp_path, builds):
     with pytest.raises(GraphSurgeonError, match="target must be"):
         compile_host(mlp_model(batch=1), tmp_path, target="tpu")
+    with pytest.raises(GraphSurgeonError, match="'nope'"):
+        compile_host(mlp_model(batch=1), tmp_path, shapes={"nope": [1]})
     with pytest.raises(GraphSurgeonError, match="tune_seconds"):
         compile_host(mlp_model(batch=1), tmp_path, tune_seconds=-1)
     with pytest.raises(GraphSurgeonError, match="CPU profile"):
@@ -245,3 +247,24 @@ def test_bad_arguments(tmp_path, builds):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(GraphSurgeonError, match="metadata"):
         load(builds["mlp"].lib_path, tmp_path / "bad.json")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling for CUDA needs nvcc")
+def test_cuda_target_compiles(tmp_path, digits):
+    """Compile-only here: the CUDA build is checked for a GPU profile's arch; running it needs
+    a GPU (and this machine has none, which loading must say in one line)."""
+    import tvm
+
+    build = compile_model(
+        digits["model"],
+        load_profile("nvidia-h100-sxm"),
+        tmp_path,
+        shapes={"input": [1, 1, 8, 8]},
+        target="cuda",
+    )
+    meta = json.loads(build.meta_path.read_text())
+    assert meta["device"] == "cuda" and '"arch":"sm_90"' in meta["target"]
+    assert build.lib_path.stat().st_size > 0
+    if not tvm.cuda(0).exist:
+        with pytest.raises(GraphSurgeonError, match="no CUDA GPU is visible"):
+            load(build.lib_path, build.meta_path)

@@ -90,7 +90,6 @@ def relax_pipeline(target, choose=None):
     """The CPU backend's own pass list with our schedules applied after fusion."""
     import tvm
     from graphsurgeon.kernels.tvm.schedules import Knobs, cpu_schedule_pass
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     choose = choose or (lambda func: Knobs())
@@ -100,10 +99,7 @@ def relax_pipeline(target, choose=None):
         with target:
             seq = tvm.transform.Sequential(
                 [
-                    relax.transform.DecomposeOpsForInference(),
-                    relax.transform.CanonicalizeBindings(),
-                    *cpu_generic.library_dispatch_passes(target),
-                    *cpu_generic.legalize_passes(target),
+                    *_fusion_passes(target),
                     cpu_schedule_pass(choose),
                     *cpu_generic.dataflow_lower_passes(target),
                     *cpu_generic.finalize_passes(target),
@@ -117,19 +113,25 @@ def relax_pipeline(target, choose=None):
 def fused_kernels(mod, target):
     """The Relax module after legalization and fusion: the kernels the schedules see."""
     import tvm
+
+    with target:
+        return tvm.transform.Sequential(_fusion_passes(target))(mod)
+
+
+def _fusion_passes(target) -> list:
+    """Up to fused TIR kernels. ``FastMathTransform`` swaps erf/exp/tanh for TVM's vectorizable
+    polynomial forms (a scalar libm ``erf`` per element made the GELU epilogue cost more than
+    its matmul); onnxruntime's own Erf/Gelu kernels use approximations of the same kind."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    with target:
-        seq = tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                *cpu_generic.library_dispatch_passes(target),
-                *cpu_generic.legalize_passes(target),
-            ]
-        )
-        return seq(mod)
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FastMathTransform(),
+        *cpu_generic.library_dispatch_passes(target),
+        *cpu_generic.legalize_passes(target),
+    ]
 
 
 def build(

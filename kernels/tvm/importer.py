@@ -68,7 +68,6 @@ def prepare(
 
 
 def _fold_constant_of_shape(model: ir.Model) -> None:
-
     def should_fold(node: ir.Node) -> bool | None:
         return True if node.op_type == "ConstantOfShape" and node.domain == "" else None
 

@@ -51,10 +51,6 @@ def load(
     lib_path = Path(lib_path)
     if not lib_path.is_file():
         raise GraphSurgeonError("no such file", where=lib_path)
-    try:
-        lib = tvm.runtime.load_module(str(lib_path))
-    except Exception as e:
-        raise GraphSurgeonError(f"not a loadable TVM library: {e}", where=lib_path) from None
     if meta["device"] == "cuda":
         device = tvm.cuda(0)
         if not device.exist:
@@ -62,6 +58,10 @@ def load(
     else:
         device = tvm.cpu(0)
         set_threads(threads or meta.get("threads") or os.cpu_count() or 1)
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+    except Exception as e:
+        raise GraphSurgeonError(f"not a loadable TVM library: {e}", where=lib_path) from None
     vm = relax.VirtualMachine(lib, device)
     main = vm["main"]
     inputs, outputs = meta["inputs"], meta["outputs"]

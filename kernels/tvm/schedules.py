@@ -36,7 +36,7 @@ class Knobs:
     """One point of a kernel's schedule space (what the tuner picks per kernel)."""
 
     vector: int = 0  # lanes of the innermost spatial axis; 0 = the target's SIMD width
-    rows: int = 1  # output rows per reduction step (register reuse of the B vector)
+    rows: int = 8  # output rows per reduction step (register reuse of the B vector)
     parallel: bool = True
 
 
@@ -126,11 +126,12 @@ def _reduction(sch, infos, red, target, knobs) -> s_tir.Schedule | None:
         if rows > 1:
             i_outer, rows_loop = sch.split(outer_spatial[-1], factors=[None, rows])
             outer_spatial = [*outer_spatial[:-1], i_outer]
-    order = [*outer_spatial, j_outer, *reduce]
+    # j blocks outermost: one [K, vector] slice of B stays in L1 while every row uses it
+    order = [j_outer, *outer_spatial, *reduce]
     order += [rows_loop] if rows_loop is not None else []
     order.append(j_vec)
     sch.reorder(*order)
-    par = sch.fuse(*outer_spatial, j_outer) if outer_spatial else j_outer
+    par = sch.fuse(j_outer, *outer_spatial[:-1]) if len(outer_spatial) > 1 else j_outer
     for info in infos:  # epilogues (bias, activation) per parallel chunk, while in cache
         if info.block_rv is not block and info.is_injective():
             sch.reverse_compute_at(info.block_rv, par)

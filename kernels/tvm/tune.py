@@ -98,9 +98,9 @@ def candidates(target) -> list[Knobs]:
     space = [Knobs()]
     for parallel in (True, False):
         for vector in (lanes, 2 * lanes, lanes // 2, 4 * lanes):
-            for rows in (1, 2, 4):
+            for rows in (8, 4, 16, 1):
                 knobs = Knobs(vector=vector, rows=rows, parallel=parallel)
-                if knobs != Knobs(vector=lanes) and knobs not in space:
+                if knobs != Knobs(vector=lanes) and knobs not in space:  # == the default
                     space.append(knobs)
     return space
 

@@ -1,0 +1,205 @@
+"""TVM-compiled models against onnxruntime on the CPU, same thread count, side by side.
+
+For the digits CNN (batch 1, [1, 1, 8, 8]) and MiniLM-L6 (batch 1 x 35 tokens: the real
+tokenized sentences, cut or padded to 35, which covers most of them), it:
+
+1. builds the model with ``graphsurgeon.kernels.tvm.compile_model`` untuned (hand schedules
+   with default knobs), then tuned (``--tune-minutes`` in total, split over the models, with
+   a fresh tuning database unless ``--database`` names one);
+2. checks correctness on real inputs against onnxruntime on the *source* model (max abs
+   error, cosine);
+3. times onnxruntime (graph optimizations on, ``intra_op_num_threads = --threads``) and both
+   TVM builds (thread pool of the same size) in interleaved rounds, and reports the median of
+   the per-round latency ratios (TVM / ORT; < 1 is faster than ORT), so load from other jobs
+   on a shared machine drifts out of the ratio.
+
+    python benchmarks/compile.py [--models digits,minilm] [--threads 1] [--tune-minutes 10]
+                                 [--rounds 15] [--json benchmarks/results/compile-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from graphsurgeon.kernels.tvm import compile_model, load
+
+from graphsurgeon.profiles import load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("GRAPHSURGEON_EXAMPLES", ROOT / "examples" / "models"))
+MINILM_SEQ = 35
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cases() -> dict[str, dict]:
+    digits = np.load(MODELS / "digits_test.npz")
+    sentences = np.load(MODELS / "minilm_sentences.npz")
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a[:, :MINILM_SEQ])
+
+    minilm_feeds = [
+        {k: cut(sentences[k])[i : i + 1] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        for i in range(16)
+    ]
+    return {
+        "digits": {
+            "model": MODELS / "digits_cnn.onnx",
+            "shapes": {"input": [1, 1, 8, 8]},
+            "feeds": [{"input": digits["input"][i : i + 1]} for i in range(16)],
+        },
+        "minilm": {
+            "model": MODELS / "minilm_l6.onnx",
+            "shapes": {
+                k: [1, MINILM_SEQ] for k in ("input_ids", "attention_mask", "token_type_ids")
+            },
+            "feeds": minilm_feeds,
+        },
+    }
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def accuracy(fn, session, feeds) -> dict:
+    names = [o.name for o in session.get_outputs()]
+    worst, cosines = 0.0, []
+    for feed in feeds:
+        ref = dict(zip(names, session.run(None, feed), strict=True))
+        got = fn(feed)
+        for name in names:
+            a, b = got[name].ravel().astype(np.float64), ref[name].ravel().astype(np.float64)
+            worst = max(worst, float(np.abs(a - b).max()))
+            cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+    return {"max_abs": worst, "min_cosine": min(cosines)}
+
+
+def timed(run, feeds, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        run(feeds[i % len(feeds)])
+    return (time.perf_counter() - t0) / n
+
+
+def bench(runners: dict, feeds, rounds: int, target_s: float = 0.2) -> dict:
+    for run in runners.values():  # warm-up
+        timed(run, feeds, 5)
+    per_call = timed(runners["ort"], feeds, 5)
+    n = max(3, int(target_s / max(per_call, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            samples[name].append(timed(run, feeds, n))
+    result = {f"{name}_ms": statistics.median(s) * 1e3 for name, s in samples.items()}
+    for name in runners:
+        if name != "ort":
+            ratios = [t / o for t, o in zip(samples[name], samples["ort"], strict=True)]
+            result[f"{name}_over_ort"] = statistics.median(ratios)
+    result["calls_per_round"] = n
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits,minilm")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tune-minutes", type=float, default=10.0, help="total, <= 20")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile", default="x86-avx512-vnni")
+    parser.add_argument("--mcpu", default="host", help="LLVM CPU; 'host' = this machine's")
+    parser.add_argument("--database", default=None, help="tuning database (default: fresh)")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/compile-cpu.json"))
+    args = parser.parse_args(argv)
+    if not 0 <= args.tune_minutes <= 20:
+        parser.error("--tune-minutes must be within 0..20")
+    names = [m for m in args.models.split(",") if m]
+    profile = load_profile(args.profile)
+    work = Path(tempfile.mkdtemp(prefix="gs-compile-bench-"))
+    database = Path(args.database) if args.database else work / "tuning.json"
+    all_cases = cases()
+    results: dict = {
+        "device": {
+            "cpu": cpu_name(),
+            "llvm_cpu": __import__("tvm").target.codegen.llvm_get_system_cpu(),
+            "cores_visible": os.cpu_count(),
+            "mcpu": args.mcpu,
+        },
+        "settings": {
+            "threads": args.threads,
+            "tune_minutes": args.tune_minutes,
+            "rounds": args.rounds,
+            "profile": args.profile,
+            "onnxruntime": ort.__version__,
+            "tvm": __import__("tvm").__version__,
+            "note": "shared machine: other jobs ran on the same cores; ratios are medians of "
+            "interleaved rounds",
+        },
+        "models": {},
+    }
+    for name in names:
+        case = all_cases[name]
+        row: dict = {"shapes": case["shapes"]}
+        session = ort_session(case["model"], args.threads)
+        builds = {}
+        for label, seconds in (
+            ("tvm_untuned", 0.0),
+            ("tvm_tuned", args.tune_minutes * 60 / len(names)),
+        ):
+            build = compile_model(
+                case["model"],
+                profile,
+                work / name / label,
+                shapes=case["shapes"],
+                threads=args.threads,
+                tune_seconds=seconds,
+                mcpu=args.mcpu,
+                database=work / f"{label}-{name}.json" if label == "tvm_untuned" else database,
+            )
+            builds[label] = build
+            meta = json.loads(build.meta_path.read_text())
+            row[label] = {"build_seconds": round(build.seconds, 1), "tuning": meta["tuned"]}
+        runners = {"ort": lambda f, s=session: s.run(None, f)}
+        for label, build in builds.items():
+            fn = load(build.lib_path, build.meta_path, threads=args.threads)
+            row[label]["accuracy"] = accuracy(fn, session, case["feeds"])
+            runners[label] = fn
+        row["latency"] = bench(runners, case["feeds"], args.rounds)
+        results["models"][name] = row
+        lat = row["latency"]
+        print(
+            f"{name:7s} ort {lat['ort_ms']:.3f} ms | tvm untuned {lat['tvm_untuned_ms']:.3f} ms "
+            f"({lat['tvm_untuned_over_ort']:.2f}x ORT) | tvm tuned {lat['tvm_tuned_ms']:.3f} ms "
+            f"({lat['tvm_tuned_over_ort']:.2f}x ORT, target <= 1.0: "
+            f"{'OK' if lat['tvm_tuned_over_ort'] <= 1.0 else 'MISSED'}) | max abs err "
+            f"{row['tvm_tuned']['accuracy']['max_abs']:.1e}",
+            flush=True,
+        )
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
