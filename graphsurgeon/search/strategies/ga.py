@@ -98,6 +98,17 @@ class NSGA2(Strategy):
             out.append(self._mutate(self._crossover(a, b)))
         return out
 
+    def _sparse(self) -> np.ndarray:
+        """A random policy touching a random share of the slots (uniform in [0, 1]): uniform
+        vectors compress nearly every layer at once (``none`` is one method of many), which on
+        a deep model is almost never within an accuracy constraint."""
+        x = self.rng.random(self.space.dim)
+        density = self.rng.random()
+        for gene, slot in zip(self.method_genes, self.space.slots, strict=True):
+            if self.rng.random() > density:
+                x[gene] = self.rng.random() / len(slot.methods)  # method 0: none
+        return x
+
     def _region(self, x: np.ndarray) -> int:
         if not len(self.planes):
             return 0
