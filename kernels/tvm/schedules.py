@@ -79,6 +79,7 @@ def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Sc
             return _injective(sch, infos, target, knobs)
         if len(reductions) == 1 and reductions[0].dom_kind().startswith("S"):
             return _reduction(sch, infos, reductions[0], target, knobs)
+        return _rowwise(sch, infos, target, knobs)
     except Exception:  # a primitive refused (ScheduleError): leave the kernel to other rules
         return None
     return None
@@ -146,6 +147,40 @@ def _reduction(sch, infos, red, target, knobs) -> s_tir.Schedule | None:
     if knobs.parallel and get_extent(sch, par) != 1 and _worth_threads(red):
         with contextlib.suppress(Exception):  # an epilogue reading across chunks: serial
             sch.parallel(par)
+    return sch
+
+
+def _rowwise(sch, infos, target, knobs) -> s_tir.Schedule | None:
+    """Softmax / layer norm: several reductions over the last axes of the same rows. Every
+    block is computed per row (the row stays in L1 between the passes), injective passes are
+    vectorized. Unlike dlight's CPU ``Reduction`` rule the row loop is only parallel when the
+    kernel is big enough to pay for waking the thread pool (with one row of 384 floats per
+    step it rarely is) or when the tuner says so."""
+    last = infos[-1]
+    if not last.is_injective():
+        return None
+    leading = min(len(b.dom_kind()) - len(b.dom_kind().lstrip("S")) for b in infos)
+    if leading == 0:
+        return None
+    loops = sch.get_loops(last.block_rv)
+    rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+    work = 1
+    for extent in last.dom():
+        work *= int(extent) if isinstance(extent, int) or hasattr(extent, "value") else 1 << 20
+    if knobs.parallel and work >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(rows)
+    lanes = knobs.vector or simd_lanes(target)
+    row = get_extent(sch, sch.get_loops(last.block_rv)[-1])
+    if not isinstance(row, int) or row % lanes or row < 2 * lanes:
+        return None  # short rows (softmax over 35 keys): dlight's rule does better
+    for info in reversed(infos[:-1]):
+        sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
+    for info in infos:
+        if info.is_injective():
+            inner = sch.get_loops(info.block_rv)[-1]
+            if get_extent(sch, inner) == row:
+                _, vec = sch.split(inner, factors=[None, lanes])
+                sch.vectorize(vec)
     return sch
 
 
