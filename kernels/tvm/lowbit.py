@@ -8,8 +8,10 @@ reduction reads the packed codes directly:
 with ``code`` unpacked from ``B[n, k // g, (k % g) // (8 / b)]`` by a shift and a mask (codes
 are packed low bits first), ``G = ceil(K / g)`` blocks per row, and the zero point either
 unpacked the same way from ``zero_points[n * ceil(G * b / 8) + ...]`` or ``2^(b - 1)`` when
-absent (ORT's default). The float weight is never materialized: memory traffic stays at b
-bits per weight, which is the point of the format. Layout as written by ``quantize-weights``
+absent (ORT's default). The dequantization is a stage of the same kernel: the CPU schedule
+computes it for one ``[K, vector]`` column slice at a time, inside the matmul's outer loop, so
+the slice sits in L1 for every output row while the full float weight never exists: memory
+traffic stays at b bits per weight, which is the point of the format. Layout as written by ``quantize-weights``
 (:mod:`graphsurgeon.passes._lowbit`) and ORT's contrib op spec.
 """
 
@@ -19,6 +21,10 @@ import math
 
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+#: The dequantization stage's block: the CPU schedule computes it per column block of the
+#: output, right before the matmul reads it (see :mod:`.schedules`), instead of inlining it.
+DEQUANT_BLOCK = "dequantize_nbits"
 
 
 def nbits_matmul(
@@ -55,10 +61,9 @@ def nbits_matmul(
         blk = kk // block_size
         return (code(j, kk).astype("float32") - zero(j, blk)) * scales[j * blocks + blk]
 
+    w = te.compute((k, n), lambda kk, j: weight(j, kk), name=DEQUANT_BLOCK)
     return te.compute(
-        (a.shape[0], n),
-        lambda i, j: te.sum(a[i, rk] * weight(j, rk), axis=rk),
-        name="matmul_nbits",
+        (a.shape[0], n), lambda i, j: te.sum(a[i, rk] * w[rk, j], axis=rk), name="matmul_nbits"
     )
 
 

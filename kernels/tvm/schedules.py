@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from graphsurgeon.kernels.tvm.lowbit import DEQUANT_BLOCK
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -72,13 +73,16 @@ def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Sc
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    infos = try_inline(sch, infos)
+    staged = [b for b in infos if sch.get(b.block_rv).name_hint == DEQUANT_BLOCK]
+    infos = try_inline(sch, [b for b in infos if b not in staged])
     reductions = [b for b in infos if not b.is_injective()]
+    if staged and (len(staged) > 1 or len(reductions) != 1):
+        return None
     try:
         if not reductions:
             return _injective(sch, infos, target, knobs)
         if len(reductions) == 1 and reductions[0].dom_kind().startswith("S"):
-            return _reduction(sch, infos, reductions[0], target, knobs)
+            return _reduction(sch, infos, reductions[0], target, knobs, staged)
         return _rowwise(sch, infos, target, knobs)
     except Exception:  # a primitive refused (ScheduleError): leave the kernel to other rules
         return None
@@ -106,7 +110,7 @@ def _injective(sch, infos, target, knobs) -> s_tir.Schedule | None:
     return sch
 
 
-def _reduction(sch, infos, red, target, knobs) -> s_tir.Schedule | None:
+def _reduction(sch, infos, red, target, knobs, staged=()) -> s_tir.Schedule | None:
     block = red.block_rv
     kinds = red.dom_kind()
     loops = sch.get_loops(block)
@@ -133,6 +137,11 @@ def _reduction(sch, infos, red, target, knobs) -> s_tir.Schedule | None:
     order.append(j_vec)
     sch.reorder(*order)
     par = sch.fuse(j_outer, *outer_spatial[:-1]) if len(outer_spatial) > 1 else j_outer
+    for info in staged:  # dequantize the [K, vector] weight slice this column block reads
+        sch.compute_at(info.block_rv, par, preserve_unit_loops=True)
+        inner = sch.get_loops(info.block_rv)[-1]
+        if get_extent(sch, inner) == vec > 1:
+            sch.vectorize(inner)
     for info in infos:  # epilogues (bias, activation) per parallel chunk, while in cache
         if info.block_rv is not block and info.is_injective():
             sch.reverse_compute_at(info.block_rv, par)
