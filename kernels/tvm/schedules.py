@@ -4,15 +4,18 @@
 that is why an untuned build ran 80x slower than onnxruntime. These rules, applied with
 dlight's ``ApplyDefaultSchedule`` after operator fusion, give every kernel:
 
-- reductions with spatial axes (MatMul, Gemm, Conv, MatMulNBits with its fused dequantization):
-  the innermost spatial axis is split into ``vector`` lanes and moved inside the reduction
-  loops, so the body is ``C[i, j:j+v] += A[i, k] * B[k, j:j+v]`` (an outer-product update
-  LLVM turns into FMAs on whole vectors); ``rows`` output rows are computed per reduction step
-  to reuse each loaded ``B`` vector; the outer spatial loops run in parallel. Fused epilogues
-  (bias, GELU...) are computed per parallel chunk while the output is still in cache.
+- reductions with spatial axes (MatMul, Gemm, Conv, MatMulNBits): the innermost spatial axis
+  is split into ``vector`` lanes and moved inside the reduction loops, so the body is
+  ``C[i, j:j+v] += A[i, k] * B[k, j:j+v]`` (an outer-product update LLVM turns into FMAs on
+  whole vectors); ``rows`` output rows are computed per reduction step to reuse each loaded
+  ``B`` vector; the column blocks are the outermost (parallel) loop, so one ``[K, v]`` slice
+  of ``B`` stays in L1 while all rows use it. For MatMulNBits that slice is dequantized right
+  there, once per call. Fused epilogues (bias, GELU...) run per column block while the output
+  is still in cache. Kernels below ~32K multiply-adds stay on the calling thread.
 - injective kernels (elementwise, transpose, broadcast): loops fused, split by the vector
   width, outer part parallel, inner part vectorized.
-- softmax / layer norm style kernels: dlight's own CPU ``Reduction`` rule.
+- layer norm style kernels with rows of whole SIMD vectors: every pass per row, injective
+  passes vectorized; softmax over short rows: dlight's own CPU ``Reduction`` rule.
 
 ``vector``, ``rows`` and whether a kernel is worth parallelizing at all are the knobs that
 :mod:`.tune` searches per kernel.
