@@ -1,7 +1,8 @@
 """TVM-compiled models against onnxruntime on the CPU, same thread count, side by side.
 
-For the digits CNN (batch 1, [1, 1, 8, 8]) and MiniLM-L6 (batch 1 x 35 tokens: the real
-tokenized sentences, cut or padded to 35, which covers most of them), it:
+For the digits CNN (batch 1, [1, 1, 8, 8]), MiniLM-L6 (batch 1 x 35 tokens: the real
+tokenized sentences, cut to 35) and MiniLM-L6 after ``quantize-weights`` int4 (ORT runs its
+``MatMulNBits`` kernel, TVM our fused dequantize-matmul), it:
 
 1. builds the model with ``graphsurgeon.kernels.tvm.compile_model`` untuned (hand schedules
    with default knobs), then tuned (``--tune-minutes`` in total, split over the models, with
@@ -13,7 +14,8 @@ tokenized sentences, cut or padded to 35, which covers most of them), it:
    the per-round latency ratios (TVM / ORT; < 1 is faster than ORT), so load from other jobs
    on a shared machine drifts out of the ratio.
 
-    python benchmarks/compile.py [--models digits,minilm] [--threads 1] [--tune-minutes 10]
+    python benchmarks/compile.py [--models digits,minilm,minilm-int4] [--threads 1]
+                                 [--tune-minutes 10]
                                  [--rounds 15] [--json benchmarks/results/compile-cpu.json]
 """
 
@@ -33,6 +35,8 @@ import numpy as np
 import onnxruntime as ort
 from graphsurgeon.kernels.tvm import compile_model, load
 
+import graphsurgeon as gs
+from graphsurgeon.pipeline import run_pipeline
 from graphsurgeon.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +70,16 @@ def cases() -> dict[str, dict]:
         },
         "minilm": {
             "model": MODELS / "minilm_l6.onnx",
+            "shapes": {
+                k: [1, MINILM_SEQ] for k in ("input_ids", "attention_mask", "token_type_ids")
+            },
+            "feeds": minilm_feeds,
+        },
+        # quantize-weights int4 (MatMulNBits, group 32): ORT's MatMulNBits kernel vs our fused
+        # dequantize-matmul; both run the same quantized model
+        "minilm-int4": {
+            "model": MODELS / "minilm_l6.onnx",
+            "quantize": [{"name": "quantize-weights", "options": {"bits": 4, "group_size": 32}}],
             "shapes": {
                 k: [1, MINILM_SEQ] for k in ("input_ids", "attention_mask", "token_type_ids")
             },
@@ -121,7 +135,7 @@ def bench(runners: dict, feeds, rounds: int, target_s: float = 0.2) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits,minilm")
+    parser.add_argument("--models", default="digits,minilm,minilm-int4")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune-minutes", type=float, default=10.0, help="total, <= 20")
     parser.add_argument("--rounds", type=int, default=15)
@@ -159,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         case = all_cases[name]
         row: dict = {"shapes": case["shapes"]}
+        if "quantize" in case:
+            model = gs.load(case["model"], shapes=case["shapes"])
+            quantized = run_pipeline(model, case["quantize"], verify="off").model
+            case["model"] = work / f"{name}.onnx"
+            gs.save(quantized, case["model"])
+            row["quantize"] = case["quantize"]
         session = ort_session(case["model"], args.threads)
         builds = {}
         for label, seconds in (
