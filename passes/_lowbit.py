@@ -218,6 +218,15 @@ def emit_codebook_decode(
     x = op("Div", x, _const(graph, f"{name}_shifts", divisors))
     x = op("Mod", x, _const(graph, f"{name}_base", np.array(1 << bits, np.int32)))
     w = op("Gather", _const(graph, f"{name}_codebook", codebook.astype(np.float32)), x, axis=0)
+    if pad:  # drop the codes that only filled the last byte
+        w = op("Reshape", w, _const(graph, f"{name}_flat", _i64([-1])))
+        w = op(
+            "Slice",
+            w,
+            _const(graph, f"{name}_start", _i64([0])),
+            _const(graph, f"{name}_count", _i64([codes.size])),
+            _const(graph, f"{name}_axis0", _i64([0])),
+        )
     if scale is not None:
         if pad:  # groups are multiples of 16 codes, so grouped codes fill whole bytes
             raise ValueError("grouped codes must fill whole bytes")

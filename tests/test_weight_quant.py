@@ -423,3 +423,28 @@ def test_embedding_table_int4_codebook_within_one_step_and_smaller(tmp_path) -> 
     assert np.all(np.abs(got - want) <= bound + 1e-6)
     gs.save(result.model, tmp_path / "q.onnx")
     assert (tmp_path / "q.onnx").stat().st_size < table.nbytes / 3
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codebook_decode_with_codes_that_do_not_fill_the_last_byte(bits) -> None:
+    """10 x 57 codes at 2 bits are 570 codes in 143 bytes (572 slots): the decode drops the
+    2 padding codes before reshaping (a pruned 10 x 57 Gemm once failed here in onnxruntime)."""
+    from graphsurgeon.passes._lowbit import emit_codebook_decode
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 1 << bits, size=(10, 1, 57)).astype(np.uint8)
+    codebook = rng.standard_normal(1 << bits).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 57]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="g")
+    out = ir.Value(name="y")
+    gemm = ir.node("Gemm", [x, x], attributes={"transB": 1}, outputs=[out])  # B replaced below
+    graph.append(gemm)
+    w = emit_codebook_decode(graph, gemm, "w", codes, bits, codebook, (10, 57))
+    gemm.replace_input_with(1, w)
+    out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape([2, 10])
+    graph.outputs.append(out)
+    proto = ir.to_proto(ir.Model(graph, ir_version=8))
+    feed = rng.standard_normal((2, 57)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": feed})[0]
+    want = feed @ codebook[codes.reshape(10, 57)].T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
