@@ -44,6 +44,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         import yaml
 
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if args.tune_search:
+        best = _tune_search(args, options)
+        options.update(best)
     result = tune(
         args.model,
         profile=args.profile,
@@ -75,6 +78,83 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     _print_result(result)
     return 0
+
+
+def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """``--tune-search N``: N short searches (``--tune-search-evals`` policies each) with the
+    strategy's hyperparameters drawn by an outer TPE study (``bo.tune_search``), scored by the
+    hypervolume of their fronts; the best hyperparameters then run the real search. Options
+    given with ``--strategy-option`` stay fixed."""
+    from graphsurgeon.search.evaluate import EvalConfig, evaluator_for
+    from graphsurgeon.search.space import SearchSpace
+    from graphsurgeon.search.strategies.bo import tune_search
+    from graphsurgeon.search.tune import tune
+    from graphsurgeon.shapes import parse_shape_args
+
+    shapes = parse_shape_args(args.shape)
+    config = EvalConfig(
+        model=str(Path(args.model).resolve()),
+        profile=str(args.profile),
+        calib=str(Path(args.calib).resolve()) if args.calib else None,
+        eval=str(Path(args.eval).resolve()) if args.eval else None,
+        metric=args.metric,
+        shapes=shapes,
+    )
+    evaluator = evaluator_for(config)
+    space = SearchSpace.build(
+        evaluator.base_model(), methods=args.methods, prelude=config.prelude, calib=evaluator.calib
+    )
+    work = Path(args.output) / "tune-search"
+    url = args.storage or f"sqlite:///{work.resolve() / 'search.db'}"
+    trials: list[float] = []
+
+    def objective(strategy: Any) -> float:
+        result = tune(
+            args.model,
+            profile=args.profile,
+            out_dir=work,
+            calib=args.calib,
+            eval_data=args.eval,
+            metric=args.metric,
+            strategy=args.strategy,
+            budget=args.tune_search_evals,
+            objectives=args.objectives,
+            storage=url,
+            study=f"tune-search-{len(trials)}-seed{args.seed}",
+            max_accuracy_drop=args.max_accuracy_drop,
+            lam=args.lam,
+            seed=args.seed + len(trials),
+            methods=args.methods,
+            shapes=shapes,
+            measure_front=0,
+            strategy_options={**options, **strategy.hyper},
+            progress=False,
+            write_outputs=False,
+        )
+        trials.append(result.hypervolume)
+        print(f"tune-search trial {len(trials)}: {strategy.hyper} -> hypervolume "
+              f"{result.hypervolume:.4g}", flush=True)  # fmt: skip
+        return result.hypervolume
+
+    found = tune_search(
+        args.strategy,
+        space,
+        objective,
+        args.tune_search,
+        objectives=list(evaluator_objectives(args.objectives)),
+        seed=args.seed,
+        fixed=options,
+    )
+    best = {k: v for k, v in found["best"].items() if k not in options}
+    print(f"tune-search: best {best} (hypervolume {found['value']:.4g})", flush=True)
+    return best
+
+
+def evaluator_objectives(objectives: str) -> list[str]:
+    from graphsurgeon.search.evaluate import objective_keys
+
+    keys = objective_keys(objectives)
+    return keys if "accuracy_drop" in keys else ["accuracy_drop", *keys]
 
 
 def _print_result(result: Any) -> None:
@@ -343,6 +423,16 @@ def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None: 
         "--measure-front", type=int, default=8, help="front points measured on the device"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tune-search",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first tune the strategy's own hyperparameters with N short searches (bo/TPE)",
+    )
+    p.add_argument(
+        "--tune-search-evals", type=int, default=16, help="policies per short search (16)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_shape(p)
     p.set_defaults(func=cmd_tune)
