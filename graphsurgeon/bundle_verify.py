@@ -176,7 +176,7 @@ def verify_bundle(
         Check(
             "fidelity",
             worst >= threshold,
-            f"cosine vs reference {worst:.6f} (needs >= {threshold})",
+            f"cosine vs reference {worst:.6f} (needs >= {threshold:.4f})",
         )
     )
     drop_limit = acceptance.get("max_accuracy_drop")

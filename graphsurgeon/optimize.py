@@ -639,13 +639,11 @@ def _recover(
     head = selection["metrics"]["metric"]
     before = selection["metrics"]["score"]
     if scores[head] <= before:
-        log(f"    distill: {head} {before:.4f} -> {scores[head]:.4f}, not kept")
         return {
             "kept": False,
-            "detail": f"distill did not help ({before:.4f} -> {scores[head]:.4f})",
+            "detail": f"distill: {head} {before:.4f} -> {scores[head]:.4f}, not kept",
         }
     save(model, out_path)
-    log(f"    distill: {head} {before:.4f} -> {scores[head]:.4f}, kept")
     metrics = {**selection["metrics"], "score": scores[head], "scores": scores}
     metrics["drop"] = selection["original"]["score"] - scores[head]
     metrics["cosine"] = scores.get("cosine", metrics.get("cosine"))
