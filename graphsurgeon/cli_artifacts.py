@@ -56,6 +56,16 @@ def check_bundle_destination(out: Path) -> None:
         raise GraphSurgeonError("output's parent folder does not exist", where=parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GraphSurgeonError("output's parent folder is not writable", where=parent)
+    # permission bits do not stop root, and some file systems refuse anyway (/proc,
+    # read-only mounts): try it, before any work is done
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent))
+    except OSError as e:
+        raise GraphSurgeonError(
+            f"output's parent folder is not writable ({e.strerror or e})", where=parent
+        ) from None
     if out.exists() and not out.is_dir():
         raise GraphSurgeonError("output exists and is a file, not a bundle folder", where=out)
 

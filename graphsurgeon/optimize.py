@@ -517,6 +517,7 @@ def _select(config, clean, search, profile, calib, eval_path, chosen_path, log) 
     from graphsurgeon.compiler import static_feeds
     from graphsurgeon.model_io import weight_bytes
     from graphsurgeon.pipeline import run_pipeline
+    from graphsurgeon.plasticity import summarize as summarize_plasticity
 
     base_scores = _score(clean, clean, eval_path, config.metric)
     head = next(iter(base_scores))
@@ -552,7 +553,7 @@ def _select(config, clean, search, profile, calib, eval_path, chosen_path, log) 
         spec, summary = _policy_spec(search, point)
         model = clean.clone()
         try:
-            run_pipeline(model, spec, calib=calib, verify="structural")
+            rebuilt = run_pipeline(model, spec, calib=calib, verify="structural")
         except GraphSurgeonError as e:
             reasons.append(f"policy {point['id']} failed to rebuild: {e}")
             continue
@@ -597,6 +598,7 @@ def _select(config, clean, search, profile, calib, eval_path, chosen_path, log) 
             "policy_spec": spec,
             "policy_id": point["id"],
             "cosine_generated": cos_generated,
+            "plasticity": summarize_plasticity(rebuilt.records),
             "detail": f"policy {point['id']} of {len(search['front'])} on the front",
             "rejected": reasons,
         }
@@ -626,7 +628,7 @@ def _recover(
 
     model = load(chosen_path)
     try:
-        run_pipeline(
+        trained = run_pipeline(
             model,
             [{"name": "distill", "options": {"teacher": str(clean_path), "steps": 150}}],
             calib=calib,
@@ -647,14 +649,33 @@ def _recover(
     metrics = {**selection["metrics"], "score": scores[head], "scores": scores}
     metrics["drop"] = selection["original"]["score"] - scores[head]
     metrics["cosine"] = scores.get("cosine", metrics.get("cosine"))
+    from graphsurgeon.plasticity import summarize
+
     return {
+        "plasticity": summarize(trained.records),
         "kept": True,
         "detail": f"{head} {before:.4f} -> {scores[head]:.4f}",
         "metrics": metrics,
     }
 
 
-def _report_data(config, profile, state, search, selection, final, stages, sensitivity, notes):
+def _plasticity_text(selection: dict[str, Any], recovery: dict[str, Any]) -> str:
+    parts = []
+    for name, entry in (
+        ("policy", selection.get("plasticity")),
+        ("recovery", recovery.get("plasticity")),
+    ):
+        if entry:
+            ratio = "n/a" if entry["plasticity"] is None else f"{entry['plasticity']:.4g}"
+            parts.append(
+                f"{name}: {entry['created']:,} created / {entry['pruned']:,} pruned = {ratio}"
+            )
+    return "; ".join(parts) or "-"
+
+
+def _report_data(
+    config, profile, state, search, selection, final, stages, sensitivity, notes, recovery=None
+):
     original = selection["original"]
     head = original["metric"]
 
@@ -721,6 +742,7 @@ def _report_data(config, profile, state, search, selection, final, stages, sensi
         ["latency, ORT side by side", f"{original.get('latency_ms', float('nan')):.4f} ms -> {final['latency_ms']:.4f} ms ({ratio:.2f}x faster)" if ratio else "-"],
         ["size", f"{original['size_bytes']:,} -> {final['size_bytes']:,} bytes ({original['size_bytes'] / max(1, final['size_bytes']):.2f}x smaller)"],
         ["policy", selection.get("policy", "")],
+        ["plasticity (connections created / pruned)", _plasticity_text(selection, recovery or {})],
         ["profile", profile.name],
         ["search", f"{config.strategy}, {search.get('evaluations', 0)} policies, {search.get('failed', 0)} failed"],
     ]  # fmt: skip
