@@ -170,7 +170,7 @@ def test_bundle_writes_are_atomic(digits, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     # A failure half-way (an artifact that cannot be read) leaves nothing behind.
     out = tmp_path / "b"
-    with pytest.raises(GraphSurgeonError, match="No such file or directory: .*nope"):
+    with pytest.raises(GraphSurgeonError, match=r"No such file or directory: .*nope"):
         write_bundle(
             out,
             model=model,
