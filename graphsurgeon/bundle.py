@@ -171,14 +171,20 @@ def write_bundle(
         os.chmod(tmp, 0o755)
         _swap_into_place(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            if e.filename and e.errno != errno.ENOSPC:
-                why = f"{why}: {e.filename}"
-            raise GraphSurgeonError(f"cannot write the bundle: {why}", where=out) from None
+        _discard(tmp, e, out)
         raise
     return out
+
+
+def _discard(tmp: Path, error: BaseException, out: Path) -> None:
+    """Remove the half-built bundle; an OS error (a full disk...) becomes one line."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, OSError):
+        full = error.errno == errno.ENOSPC
+        why = "no space left on device" if full else (error.strerror or str(error))
+        if error.filename and not full:
+            why = f"{why}: {error.filename}"
+        raise GraphSurgeonError(f"cannot write the bundle: {why}", where=out) from None
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -231,9 +237,6 @@ def finalize_bundle(staging: Path, out: str | os.PathLike, report_html: str) -> 
         os.chmod(tmp, 0o755)
         _swap_into_place(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise GraphSurgeonError(f"cannot write the bundle: {why}", where=out) from None
+        _discard(tmp, e, out)
         raise
     return out

@@ -87,11 +87,9 @@ class OptimizeConfig:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from graphsurgeon.bundle import sha256_file
+
+    return sha256_file(path)
 
 
 def seconds(budget: str | float) -> float:

@@ -105,11 +105,9 @@ class EvalConfig:
 
 
 def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from graphsurgeon.bundle import sha256_file
+
+    return sha256_file(Path(path))
 
 
 @dataclass
