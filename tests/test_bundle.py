@@ -186,3 +186,22 @@ def test_bundle_writes_are_atomic(digits, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "busy"]
     with pytest.raises(GraphSurgeonError, match="inside the bundle"):
         write_bundle(out, model=model, backend="ort-cpu", profile=profile, files={"../x": b"1"})
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(digits, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import graphsurgeon.bundle as bundle_mod
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_mod.shutil, "copyfile", full)
+    profile = load_profile("x86-avx512-vnni")
+    model = load(digits["model"])
+    out = tmp_path / "b"
+    with pytest.raises(GraphSurgeonError, match="no space left on device"):
+        write_bundle(
+            out, model=model, backend="ort-cpu", profile=profile, files={"x.bin": digits["model"]}
+        )
+    assert list(tmp_path.iterdir()) == []
