@@ -443,3 +443,22 @@ def test_minilm_runs_close_and_shrinks(minilm, tmp_path: Path, name: str, min_co
     cosine = minilm_cosine(minilm["model"], out, minilm["sentences"])
     print(f"{name}: MiniLM sentence-embedding cosine vs float {cosine:.5f}")
     assert cosine >= min_cosine
+
+
+def test_entropy_threshold_equals_onnxruntime_search() -> None:
+    """Our numpy KL search picks exactly the thresholds of ORT's Python loop."""
+    from graphsurgeon.passes._int8_ranges import entropy_threshold
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(0)
+    for x in (
+        rng.standard_t(3, 20000),
+        np.abs(rng.standard_normal(20000)) * 2.5,
+        np.concatenate([rng.standard_normal(5000), 40 + rng.standard_normal(50)]),
+    ):
+        m = float(np.abs(x).max())
+        hist, edges = np.histogram(x, bins=512, range=(-m, m))
+        h = (hist, edges.astype(np.float32), np.float32(x.min()), np.float32(x.max()))
+        ort_low, ort_high = HistogramCollector("entropy", True, 512, 128, None, None).get_entropy_threshold(h, 128)  # fmt: skip
+        low, high = entropy_threshold(h, 128)
+        assert (float(low), float(high)) == (float(ort_low), float(ort_high))
