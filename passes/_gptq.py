@@ -26,6 +26,25 @@ def hessian(x: np.ndarray) -> np.ndarray:
     return 2.0 * (x.T @ x) / max(len(x), 1)
 
 
+def conv_columns(x: np.ndarray, node_attrs: dict, kernel: tuple[int, int], limit: int = 16384):
+    """im2col: the ``[patches, C*kh*kw]`` rows a 2-D, group-1 Conv multiplies by its weight
+    ``[O, C*kh*kw]`` (same flattening order), so that ``H = 2 X^T X / n`` is the Conv's GPTQ
+    Hessian. ``node_attrs`` holds strides, pads and dilations; at most ``limit`` rows are
+    kept (an even subsample: H is an average, not a sum). Returns None for ``auto_pad``."""
+    kh, kw = kernel
+    sh, sw = node_attrs.get("strides") or (1, 1)
+    dh, dw = node_attrs.get("dilations") or (1, 1)
+    pt, pl, pb, pr = node_attrs.get("pads") or (0, 0, 0, 0)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    windows = np.lib.stride_tricks.sliding_window_view(xp, span, axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw]
+    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    if len(cols) > limit:
+        cols = cols[np.linspace(0, len(cols) - 1, limit).astype(np.int64)]
+    return cols
+
+
 def gptq_quantize(
     v: np.ndarray, h: np.ndarray, grid: Grid, group: int, damp: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from graphsurgeon.passes._gptq import gptq_quantize, hessian
+from graphsurgeon.passes._gptq import conv_columns, gptq_quantize, hessian
 from graphsurgeon.passes._lowbit import (
     DECODE_OVERHEAD_BYTES,
     Grid,
@@ -91,7 +91,8 @@ class QuantizeWeights(GSPass):
       sessions) runs the decode once at load time.
     - GPTQ (``method: gptq``) on MatMul/Gemm: ``H = 2 X^T X / n`` from the layer's inputs on
       calibration data (one run of the original model), then the column-wise OBQ update of
-      :mod:`graphsurgeon.passes._gptq`. Conv layers fall back to round-to-nearest.
+      :mod:`graphsurgeon.passes._gptq`. On 2-D, group-1 Conv the rows of ``X`` are the input
+      patches (im2col) the kernel multiplies; grouped Conv falls back to round-to-nearest.
 
     Refused, with a reason: a weight that is already packed, shared by several nodes or a
     graph input; a constant A operand; ConvTranspose and recurrent layers; weights
@@ -159,8 +160,8 @@ class QuantizeWeights(GSPass):
             x = layer.node.inputs[0]
             if layer.op_type == "Gather":
                 self.skip(layer.node, "gptq: an embedding reads no activations; used rtn")
-            elif layer.op_type == "Conv":
-                self.skip(layer.node, "gptq needs 2-D inputs (Conv would need im2col); used rtn")
+            elif layer.op_type == "Conv" and (reason := _conv_gptq_refusal(layer)):
+                self.skip(layer.node, f"gptq: {reason}; used rtn")
             elif x is None or layer.node.graph is not model.graph or x.type is None:
                 self.skip(
                     layer.node, "gptq: layer input not in the main graph or untyped; used rtn"
@@ -177,9 +178,28 @@ class QuantizeWeights(GSPass):
         out = {}
         for lid, (layer, trans_a) in wanted.items():
             x = acts[layer.node.inputs[0].name]
+            if layer.op_type == "Conv":
+                attrs = {
+                    k: list(layer.node.attributes[k].value)
+                    for k in ("strides", "pads", "dilations")
+                    if k in layer.node.attributes
+                }
+                x = conv_columns(x, attrs, tuple(layer.weight.shape[2:]))
             out[lid] = hessian(x.T if trans_a else x)
         self.note("gptq_samples", int(sum(len(next(iter(f.values()))) for f in feeds)))
         return out
+
+
+def _conv_gptq_refusal(layer: Layer) -> str | None:
+    """Why GPTQ's im2col Hessian does not apply to this Conv (None: it does)."""
+    attrs = layer.node.attributes
+    if len(layer.weight.shape) != 4:
+        return "only 2-D Conv"
+    if attrs.get_int("group", 1) != 1:
+        return "grouped Conv (one Hessian per group is not implemented)"
+    if attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return "auto_pad SAME_*"
+    return None
 
 
 def _grid(opts: QuantizeWeightsOptions) -> Grid:
