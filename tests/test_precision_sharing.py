@@ -245,3 +245,43 @@ def test_share_weights_minilm_matmuls_with_overrides(minilm, tmp_path: Path) -> 
     )
     assert cosine > 0.9
     assert os.path.getsize(minilm["model"]) - os.path.getsize(out) > 0.8 * 42467328 * 7 / 8
+
+
+def test_cast_precision_compute_mode_runs_layers_in_float16(digits, tmp_path: Path) -> None:
+    """compute: true puts every layer's activations, weights and output in float16 (Casts at
+    the edges); onnxruntime runs it and the logits stay within fp16 rounding of the original;
+    the graph output keeps its name and float32 type."""
+    model = gs.load(digits["model"])
+    result = run_pipeline(
+        model,
+        {"steps": ["cleanup", {"name": "cast-precision", "options": {"compute": True}}]},
+        verify="numeric",
+        calib=digits["test"],
+    )
+    record = result.records[-1]
+    assert record.modified and all(v == "float16 compute" for v in record.notes["cast"].values())
+    layers = [n for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    assert layers and all(
+        v.dtype == ir.DataType.FLOAT16 for n in layers for v in [*n.inputs, *n.outputs] if v
+    )
+    assert [o.name for o in model.graph.outputs] == ["logits"]
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT
+    drift = result.drift_vs_original["logits"]
+    assert drift["cosine"] > 0.9999 and drift["top1_agreement"] > 0.99
+    out = tmp_path / "fp16.onnx"
+    gs.save(model, out)
+    x = np.load(digits["test"])["input"][:8]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    want = ort.InferenceSession(str(digits["model"]), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )
+    assert got[0].dtype == np.float32
+    np.testing.assert_allclose(got[0], want[0], atol=0.05 * np.abs(want[0]).max())
+    # bfloat16 compute is refused with the reason, storage still works
+    model = gs.load(digits["model"])
+    result = run_pipeline(
+        model,
+        {"steps": [{"name": "cast-precision", "options": {"compute": True, "dtype": "bfloat16"}}]},
+    )
+    assert not result.records[-1].modified
+    assert any("bfloat16" in k for k in result.records[-1].notes.get("skipped", {}))
