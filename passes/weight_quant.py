@@ -68,9 +68,10 @@ class QuantizeWeightsOptions(LayerPassOptions):
     )
     format: Literal["auto", "codebook"] = option(
         "auto",
-        "auto: MatMul -> com.microsoft MatMulNBits (ORT's int-b kernel), other layers -> a "
+        "auto: MatMul -> com.microsoft MatMulNBits (ORT's int-b kernel), int4 embedding "
+        "tables -> com.microsoft GatherBlockQuantized (packed in memory), other layers -> a "
         "codebook decode subgraph; codebook: the decode subgraph everywhere (default domain "
-        "only, for runtimes without MatMulNBits).",
+        "only, for runtimes without ORT's contrib ops).",
     )
 
 
@@ -133,19 +134,20 @@ class QuantizeWeights(GSPass):
             else:
                 codes, scale, zero = quantize_rtn(v, grid, opts.group_size)
             use_nbits = _uses_matmulnbits(layer, opts)
-            packed_bytes = _packed_bytes(codes, scale, grid, use_nbits)
+            use_gbq = not use_nbits and _uses_gather_block(layer, opts, grid)
+            packed_bytes = _packed_bytes(codes, scale, grid, use_nbits or use_gbq)
             if packed_bytes >= layer.weight.nbytes:
                 self.skip(layer.node, "the packed form would not be smaller than the weight")
                 continue
             if use_nbits:
                 _to_matmulnbits(model, layer, codes, scale, zero, grid, opts.group_size)
+            elif use_gbq:
+                _to_gather_block(model, layer, codes, scale, zero, grid, opts.group_size)
             else:
                 _to_codebook(layer, codes, scale, zero, grid, transposed)
             method = "gptq" if layer.id in hessians and opts.method == "gptq" else "rtn"
-            summary[layer.id] = (
-                f"{'MatMulNBits' if use_nbits else 'codebook'} {_label(opts)} "
-                f"g{opts.group_size} {method}"
-            )
+            form = "MatMulNBits" if use_nbits else "GatherBlockQuantized" if use_gbq else "codebook"
+            summary[layer.id] = f"{form} {_label(opts)} g{opts.group_size} {method}"
             modified = True
         self.note("quantized", summary)
         return PassResult(model, modified)
@@ -302,6 +304,80 @@ def _to_matmulnbits(
         "MatMulNBits",
         inputs,
         attributes={"K": int(k), "N": int(n), "bits": grid.bits, "block_size": group},
+        domain=MS_DOMAIN,
+        name=node.name,
+        outputs=[out],
+    )
+    new.metadata_props[LAYER_ID_KEY] = layer.id
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [y], [out])
+    del graph.initializers[old.name]
+
+
+def _uses_gather_block(layer: Layer, opts: QuantizeWeightsOptions, grid: Grid) -> bool:
+    """An int4 embedding table ORT's ``GatherBlockQuantized`` can look up while packed: row
+    groups of a power of two >= 16 that divide the row, integer indices."""
+    ids = layer.node.inputs[1] if len(layer.node.inputs) > 1 else None
+    width = int(layer.weight.shape[-1])
+    group = opts.group_size
+    return (
+        opts.format == "auto"
+        and layer.op_type == "Gather"
+        and grid.scheme == "int"
+        and grid.bits == 4
+        and group >= 16
+        and group & (group - 1) == 0
+        and width % group == 0
+        and ids is not None
+        and ids.dtype in (ir.DataType.INT64, ir.DataType.INT32)
+    )
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (padded to even)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], -1)
+    values = values.astype(np.uint8)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _to_gather_block(
+    model: ir.Model,
+    layer: Layer,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    grid: Grid,
+    group: int,
+) -> None:
+    """``Gather(table, ids)`` -> ``com.microsoft::GatherBlockQuantized(packed, ids, scales
+    [, zero_points])``: the table stays packed in memory and rows are dequantized as they are
+    looked up (the codebook form would decode the whole table once, at load)."""
+    node, graph = layer.node, layer.node.graph
+    assert graph is not None
+    old = layer.weight_value
+    rows = codes.shape[0]
+    base = old.name or f"{layer.id}_weight"
+    arrays = [
+        ("_q4", _pack_nibbles(codes.reshape(rows, -1))),
+        ("_scales", scale.astype(np.float32)),
+    ]
+    if grid.needs_zero_points:
+        arrays.append(("_zero_points", _pack_nibbles(zero.astype(np.uint8))))
+    inputs = []
+    for suffix, array in arrays:
+        name = unique_name(graph, f"{base}{suffix}")
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
+        graph.register_initializer(value)
+        inputs.append(value)
+    inputs.insert(1, node.inputs[1])
+    y = node.outputs[0]
+    out = ir.Value(name=unique_name(graph, f"{y.name}_gbq"), type=y.type, shape=y.shape)
+    new = ir.node(
+        "GatherBlockQuantized",
+        inputs,
+        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": 4},
         domain=MS_DOMAIN,
         name=node.name,
         outputs=[out],

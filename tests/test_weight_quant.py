@@ -505,3 +505,42 @@ def test_gptq_on_conv_layers_beats_round_to_nearest(digits) -> None:
         scores = evaluate(model, digits["test"], "fidelity", reference=gs.load(digits["model"]))
         errors[method] = 1 - scores["cosine"]
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_embedding_tables_stay_packed_with_gather_block_quantized(symmetric) -> None:
+    """format auto: an int4 table becomes ORT's GatherBlockQuantized (packed in memory, rows
+    dequantized on lookup); every value within one quantization step; codebook on request."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphsurgeon.execution import make_session, run
+
+    rng = np.random.default_rng(1)
+    table = (rng.standard_normal((40, 96)) + (0 if symmetric else 0.7)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, 96])],
+        [numpy_helper.from_array(table, "E")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ids = rng.integers(0, 40, (2, 7)).astype(np.int64)
+    outputs = {}
+    for fmt in ("auto", "codebook"):
+        model = ir.serde.deserialize_model(proto)
+        options = {"bits": 4, "group_size": 32, "symmetric": symmetric, "format": fmt}
+        result = gs.run_pipeline(model, [{"name": "quantize-weights", "options": options}])
+        ops = {n.op_type for n in model.graph}
+        assert ("GatherBlockQuantized" in ops) == (fmt == "auto")
+        assert [o.name for o in model.graph.outputs] == ["y"] and result.modified
+        outputs[fmt] = run(make_session(model, optimize=True), {"ids": ids})["y"]
+    blocks = table.reshape(40, 3, 32)
+    span = (
+        np.abs(blocks).max(-1) / 7
+        if symmetric
+        else (blocks.max(-1) - np.minimum(blocks.min(-1), 0)) / 15
+    )
+    bound = np.repeat(span, 32, axis=-1)[ids]
+    assert np.all(np.abs(outputs["auto"] - table[ids]) <= bound + 1e-6)
+    np.testing.assert_allclose(outputs["auto"], outputs["codebook"], rtol=1e-5, atol=1e-6)
