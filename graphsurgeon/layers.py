@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphsurgeon.packed import DECODED_WEIGHT_KEY, decoded_weight, matmulnbits_weight
+from graphsurgeon.packed import (
+    DECODED_WEIGHT_KEY,
+    decoded_weight,
+    gather_block_weight,
+    matmulnbits_weight,
+)
 
 LAYER_ID_KEY = "graphsurgeon.layer_id"
 LAYER_OP_TYPES = frozenset(
@@ -74,12 +79,16 @@ def constant_of(value: ir.Value | None) -> ir.TensorProtocol | None:
 def _weight_tensor(node: ir.Node, index: int) -> ir.TensorProtocol | None:
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         return matmulnbits_weight(node)
+    if node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft":
+        return gather_block_weight(node)
     return constant_of(node.inputs[index])
 
 
 def _weight_index(node: ir.Node) -> int | None:
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         return 1 if matmulnbits_weight(node) is not None else None
+    if node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft":
+        return 0 if gather_block_weight(node) is not None else None  # a packed embedding
     if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
         return 1 if constant_of(node.inputs[1]) is not None else None  # static int8 MatMul
     if DECODED_WEIGHT_KEY in node.metadata_props:

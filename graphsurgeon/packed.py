@@ -145,6 +145,42 @@ def matmulnbits_weight(node: ir.Node) -> PackedWeight | None:
     return PackedWeight(b.name, [k, n], scales.dtype or ir.DataType.FLOAT, sources, decode)
 
 
+def gather_block_weight(node: ir.Node) -> PackedWeight | None:
+    """The ``[rows, cols]`` table of a com.microsoft ``GatherBlockQuantized`` node (4-bit codes
+    packed two per uint8 along the rows, block scales, optional packed zero points; without
+    them the zero point is 8) with constant inputs, gathered along axis 0."""
+    inputs = list(node.inputs) + [None] * 4
+    data, scales, zero_points = inputs[0], inputs[2], inputs[3]
+    if data is None or data.const_value is None or scales is None or scales.const_value is None:
+        return None
+    if zero_points is not None and zero_points.const_value is None:
+        return None
+    attrs = node.attributes
+    if attrs.get_int("bits", 4) != 4 or attrs.get_int("gather_axis", 0) != 0:
+        return None
+    if attrs.get_int("quantize_axis", 1) != 1 or data.const_value.dtype != ir.DataType.UINT8:
+        return None
+    block = attrs.get_int("block_size", 128)
+    rows, packed_cols = data.const_value.shape.numpy()
+    cols = 2 * packed_cols
+    sources = [data.const_value, scales.const_value]
+    if zero_points is not None:
+        sources.append(zero_points.const_value)
+
+    def decode() -> np.ndarray:
+        blocks = cols // block
+        codes = _unpack(data.const_value.numpy(), 4).astype(np.float32)
+        scale = scales.const_value.numpy().astype(np.float32).reshape(rows, blocks)
+        if zero_points is None:
+            zero = np.full((rows, blocks), 8.0, np.float32)
+        else:
+            zero = _unpack(zero_points.const_value.numpy(), 4)[:, :blocks].astype(np.float32)
+        w = (codes.reshape(rows, blocks, block) - zero[..., None]) * scale[..., None]
+        return w.reshape(rows, cols)
+
+    return PackedWeight(data.name, [rows, cols], scales.dtype or ir.DataType.FLOAT, sources, decode)
+
+
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of packing ``8/bits`` codes per byte, low bits first, along the last axis."""
     shifts = np.arange(8 // bits, dtype=np.uint8) * bits

@@ -535,6 +535,12 @@ def test_int4_embedding_tables_stay_packed_with_gather_block_quantized(symmetric
         assert ("GatherBlockQuantized" in ops) == (fmt == "auto")
         assert [o.name for o in model.graph.outputs] == ["y"] and result.modified
         outputs[fmt] = run(make_session(model, optimize=True), {"ids": ids})["y"]
+        if fmt == "auto":  # the layer finder still sees the table, packed, with its id
+            (layer,) = find_layers(model)
+            assert layer.op_type == "GatherBlockQuantized" and layer.id == "embed"
+            assert isinstance(layer.weight, PackedWeight) and list(layer.weight.shape) == [40, 96]
+            assert layer.weight.nbytes < table.nbytes / 5
+            decoded = layer.weight.numpy()
     blocks = table.reshape(40, 3, 32)
     span = (
         np.abs(blocks).max(-1) / 7
@@ -544,3 +550,4 @@ def test_int4_embedding_tables_stay_packed_with_gather_block_quantized(symmetric
     bound = np.repeat(span, 32, axis=-1)[ids]
     assert np.all(np.abs(outputs["auto"] - table[ids]) <= bound + 1e-6)
     np.testing.assert_allclose(outputs["auto"], outputs["codebook"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(decoded[ids], outputs["auto"], rtol=1e-6, atol=1e-7)
