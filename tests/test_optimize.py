@@ -28,8 +28,16 @@ def optimized(digits, tmp_path_factory) -> dict[str, object]:
     """Run optimize, SIGKILL it once the search has started, then run it again to the end."""
     root = tmp_path_factory.mktemp("opt")
     cache, out = root / "cache", root / "digits.bundle"
+    # Timed at batch 64, where the convolutions' work shows: at batch 1 the 13 us model is
+    # all call overhead, and "faster" would be a coin toss between equal candidates.
+    from graphsurgeon.profiles import dump_profile, load_profile
+
+    profile = load_profile("x86-avx512-vnni")
+    profile.measurement.batch = 64
+    profile_path = root / "x86-b64.yaml"
+    profile_path.write_text(dump_profile(profile))
     cmd = [
-        *CLI, "optimize", str(digits["model"]), "--profile", "x86-avx512-vnni",
+        *CLI, "optimize", str(digits["model"]), "--profile", str(profile_path),
         "--calib", str(digits["train"]), "--eval", str(digits["test"]),
         "--budget", "60s", "-o", str(out),
     ]  # fmt: skip
@@ -52,7 +60,7 @@ def optimized(digits, tmp_path_factory) -> dict[str, object]:
     second = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Traceback" not in second.stderr
-    return {"out": out, "log": second.stdout + second.stderr, "cache": cache}
+    return {"out": out, "log": second.stdout + second.stderr, "cache": cache, "batch": 64}
 
 
 def test_an_interrupted_optimize_resumes(optimized) -> None:
@@ -74,14 +82,16 @@ def test_the_bundle_is_verified_smaller_and_not_slower(optimized, digits) -> Non
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / "model.onnx").stat().st_size < Path(digits["model"]).stat().st_size
     measured = manifest["metrics"]["optimize"]
-    assert measured["final"]["latency_ms"] <= measured["original"]["latency_ms"]
+    # not slower: within the original's own round-to-round spread, timed side by side
+    noise = measured["final"]["latency_noise"]
+    assert measured["final"]["latency_ms"] <= measured["original"]["latency_ms"] * (1 + noise)
     assert measured["original"]["score"] - measured["final"]["score"] <= 0.01 + 1e-9
     # Independently: ORT on the bundle's model against the original, timed in turn.
     import onnxruntime as ort
 
     from graphsurgeon.latency import measure_latency
 
-    x = {"input": np.load(digits["test"])["input"][:1]}
+    x = {"input": np.load(digits["test"])["input"][: optimized["batch"]]}
     sessions = [
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         for p in (digits["model"], out / "model.onnx")
