@@ -283,35 +283,13 @@ def _to_matmulnbits(
     grid: Grid,
     group: int,
 ) -> None:
-    node, graph = layer.node, layer.node.graph
-    assert graph is not None
-    old = layer.weight_value
     k, n = layer.weight.shape
     packed, scales, zero_points = matmulnbits_tensors(codes, scale, zero, grid)
-    base = old.name or f"{layer.id}_weight"
-    inputs = [node.inputs[0]]
-    for suffix, array in (("_q", packed), ("_scales", scales), ("_zero_points", zero_points)):
-        if array is None:
-            continue
-        name = unique_name(graph, f"{base}{suffix}{grid.bits}")
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
-        graph.register_initializer(value)
-        inputs.append(value)
-    y = node.outputs[0]
-    out = ir.Value(name=unique_name(graph, f"{y.name}_nbits"), type=y.type, shape=y.shape)
-    new = ir.node(
-        "MatMulNBits",
-        inputs,
-        attributes={"K": int(k), "N": int(n), "bits": grid.bits, "block_size": group},
-        domain=MS_DOMAIN,
-        name=node.name,
-        outputs=[out],
-    )
-    new.metadata_props[LAYER_ID_KEY] = layer.id
-    model.opset_imports.setdefault(MS_DOMAIN, 1)
-    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [y], [out])
-    del graph.initializers[old.name]
+    arrays = [(f"_q{grid.bits}", packed), (f"_scales{grid.bits}", scales)]
+    if zero_points is not None:
+        arrays.append((f"_zero_points{grid.bits}", zero_points))
+    attributes = {"K": int(k), "N": int(n), "bits": grid.bits, "block_size": group}
+    _replace_with_contrib_op(model, layer, "MatMulNBits", arrays, attributes, at=0)
 
 
 def _uses_gather_block(layer: Layer, opts: QuantizeWeightsOptions, grid: Grid) -> bool:
@@ -353,34 +331,50 @@ def _to_gather_block(
     """``Gather(table, ids)`` -> ``com.microsoft::GatherBlockQuantized(packed, ids, scales
     [, zero_points])``: the table stays packed in memory and rows are dequantized as they are
     looked up (the codebook form would decode the whole table once, at load)."""
-    node, graph = layer.node, layer.node.graph
-    assert graph is not None
-    old = layer.weight_value
     rows = codes.shape[0]
-    base = old.name or f"{layer.id}_weight"
     arrays = [
         ("_q4", _pack_nibbles(codes.reshape(rows, -1))),
         ("_scales", scale.astype(np.float32)),
     ]
     if grid.needs_zero_points:
         arrays.append(("_zero_points", _pack_nibbles(zero.astype(np.uint8))))
-    inputs = []
+    attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": 4}
+    # the packed table comes first, then the indices the Gather read
+    _replace_with_contrib_op(model, layer, "GatherBlockQuantized", arrays, attributes, at=1)
+
+
+def _replace_with_contrib_op(
+    model: ir.Model,
+    layer: Layer,
+    op_type: str,
+    arrays: list[tuple[str, np.ndarray]],
+    attributes: dict,
+    *,
+    at: int,
+) -> None:
+    """Replace ``layer``'s node by the com.microsoft ``op_type`` reading the node's activation
+    input plus ``arrays`` as new initializers (named after the old weight plus their suffix);
+    the activation (the input that is not the weight) goes at input ``at``. The node keeps
+    its name and layer id, its output its consumers; the old weight goes."""
+    node, graph = layer.node, layer.node.graph
+    assert graph is not None
+    old = layer.weight_value
+    base = old.name or f"{layer.id}_weight"
+    values = []
     for suffix, array in arrays:
         name = unique_name(graph, f"{base}{suffix}")
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
         graph.register_initializer(value)
-        inputs.append(value)
-    inputs.insert(1, node.inputs[1])
+        values.append(value)
+    activation = node.inputs[1 - layer.weight_index]
+    inputs = [*values[:at], activation, *values[at:]]
     y = node.outputs[0]
-    out = ir.Value(name=unique_name(graph, f"{y.name}_gbq"), type=y.type, shape=y.shape)
+    out = ir.Value(
+        name=unique_name(graph, f"{y.name}_{op_type.lower()}"), type=y.type, shape=y.shape
+    )
     new = ir.node(
-        "GatherBlockQuantized",
-        inputs,
-        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": 4},
-        domain=MS_DOMAIN,
-        name=node.name,
-        outputs=[out],
+        op_type, inputs, attributes=attributes, domain=MS_DOMAIN, name=node.name, outputs=[out]
     )
     new.metadata_props[LAYER_ID_KEY] = layer.id
     model.opset_imports.setdefault(MS_DOMAIN, 1)
