@@ -596,7 +596,7 @@ def _select(config, clean, search, profile, calib, eval_path, chosen_path, log) 
             "drop": drop,
             "latency_ms": cand_ms,
             "latency_noise": noise,
-            "size_bytes": _file_size(model),
+            "size_bytes": size,
             "weight_bytes": weight_bytes(model),
             "cosine": scores.get("cosine", _fidelity(model, clean, feeds)),
         }

@@ -183,27 +183,18 @@ class Evaluator:
     def evaluate(self, policy: Policy | list[Any], *, measure: bool = False) -> EvalResult:
         r"""Score ``policy`` (latency predicted, or ``measure``\ d on this device). A failure is
         a result with its error, never a raise."""
-        start = time.perf_counter()
         key = policy.key() if isinstance(policy, Policy) else _steps_key(policy)
-        result = EvalResult(key, "ok")
-        try:
-            model = self.apply(policy)
-            self._score(model, result)
-            if measure:
-                self._measured(model, result)
-            else:
-                result.objectives.update(self._predicted(model, result))
-        except Exception as e:
-            result.status = "failed"
-            result.error = _error_text(e)
-        result.eval_s = time.perf_counter() - start
-        return result
+        return self._run(key, lambda: self.apply(policy), measure)
 
     def evaluate_model(self, model: ir.Model, key: str, *, measure: bool = True) -> EvalResult:
         """Score a model made elsewhere (an outside baseline) exactly like a policy's."""
+        return self._run(key, lambda: model, measure)
+
+    def _run(self, key: str, make: Any, measure: bool) -> EvalResult:
         start = time.perf_counter()
         result = EvalResult(key, "ok")
         try:
+            model = make()
             self._score(model, result)
             if measure:
                 self._measured(model, result)
