@@ -19,10 +19,16 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import CalibraterBase
 
 from graphsurgeon.data import Feed
+from graphsurgeon.memo import Memo, digest
 
 Range = tuple[float, float]
 METHODS = ("minmax", "percentile", "entropy", "mse")
 ENTROPY_BINS = 512  # KL search cost grows with bins (ORT's search is a Python loop)
+# Ranges are pure functions of (float model bytes, feeds, method): a search quantizes the same
+# float model under many policies, and tensors upstream of its first change keep their
+# histograms, so both levels are memoized on content.
+_RANGES = Memo("activation_ranges", max_bytes=64 << 20)
+_THRESHOLDS = Memo("histogram_thresholds", max_bytes=64 << 20)
 
 
 class FeedReader(CalibrationDataReader):
@@ -75,6 +81,23 @@ class ActivationRanges:
         self.op_types, self.num_bins = list(op_types), num_bins
         self._calibrators: dict[str, object] = {}
         self._cache: dict[tuple[str, float, bool], dict[str, Range]] = {}
+        self._digest: str | None = None
+
+    def _content(self) -> str:
+        """Digest of everything the ranges depend on: the model file (and its external
+        data), the feeds, the calibrated op types and the histogram size."""
+        if self._digest is None:
+            parts: list[object] = [self.op_types, self.num_bins, sorted(self.input_names)]
+            data = self.model_path.with_name(self.model_path.name + ".data")
+            for path in (self.model_path, data):
+                if path.exists():
+                    parts.append(path.read_bytes())
+            for feed in self.feeds:
+                for name in sorted(feed):
+                    if name in self.input_names:
+                        parts += [name, np.asarray(feed[name])]
+            self._digest = digest(*parts)
+        return self._digest
 
     def _calibrator(self, kind: str) -> CalibraterBase:
         if kind not in self._calibrators:
@@ -105,12 +128,23 @@ class ActivationRanges:
         self, method: str, percentile: float = 99.999, symmetric: bool = False
     ) -> dict[str, Range]:
         key = (method, percentile if method == "percentile" else 0.0, symmetric and method == "mse")
-        if key in self._cache:
-            return self._cache[key]
+        if key not in self._cache:
+            self._cache[key] = _RANGES.get(
+                digest(self._content(), key),
+                lambda: self._compute(method, percentile, symmetric),
+            )
+        return self._cache[key]
+
+    def _compute(self, method: str, percentile: float, symmetric: bool) -> dict[str, Range]:
         if method == "mse":
             collector = self._calibrator("histogram").collector
             ranges = {
-                name: mse_range(h[0], h[1], float(h[2]), float(h[3]), symmetric=symmetric)
+                name: _THRESHOLDS.get(
+                    digest("mse", h[0], h[1], float(h[2]), float(h[3]), symmetric),
+                    lambda h=h: mse_range(
+                        h[0], h[1], float(h[2]), float(h[3]), symmetric=symmetric
+                    ),
+                )
                 for name, h in collector.histogram_dict.items()
             }
         else:
@@ -118,15 +152,20 @@ class ActivationRanges:
             if method == "percentile":
                 calibrator.collector.percentile = percentile
             if method == "entropy":  # the same search as ORT's, without its Python loops
-                calibrator.collector.get_entropy_threshold = entropy_threshold
+                calibrator.collector.get_entropy_threshold = _memo_entropy_threshold
             with quiet_ort_tools():
                 data = calibrator.compute_data()
             ranges = {
                 name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
                 for name, d in data.items()
             }
-        self._cache[key] = ranges
         return ranges
+
+
+def _memo_entropy_threshold(histogram: Sequence, num_quantized_bins: int) -> tuple:
+    h = histogram
+    key = digest("entropy", h[0], h[1], float(h[2]), float(h[3]), num_quantized_bins)
+    return _THRESHOLDS.get(key, lambda: entropy_threshold(histogram, num_quantized_bins))
 
 
 def entropy_threshold(histogram: Sequence, num_quantized_bins: int) -> tuple:

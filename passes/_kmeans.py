@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphsurgeon.memo import Memo, digest
+
 _FIT_SAMPLE = 1 << 18  # values used to fit the centroids of a big table
 _SEED_SAMPLE = 1 << 14  # values the k-means++ seeding draws from
 
@@ -28,6 +30,16 @@ def kmeans_1d(
     assigned at the end.
     """
     values = np.asarray(x, dtype=np.float64).ravel()
+    key = digest(values, k, iterations, restarts, tol)  # deterministic: a pure function
+    return _FITS.get(key, lambda: _fit(values, k, iterations, restarts, tol))
+
+
+_FITS = Memo("kmeans_1d")
+
+
+def _fit(
+    values: np.ndarray, k: int, iterations: int, restarts: int, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
     data = values[:: max(1, values.size // _FIT_SAMPLE)]
     best, best_cost = None, np.inf
     for seed in range(restarts):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphsurgeon.layers import LAYER_ID_KEY, Layer, find_layers
+from graphsurgeon.memo import Memo, digest
 from graphsurgeon.options import Choice, FloatRange, IntRange, LayerPassOptions, option
 from graphsurgeon.pass_base import GSPass, PassResult
 from graphsurgeon.registry import register
@@ -65,11 +66,20 @@ def energy_rank(singular_values: np.ndarray, energy: float) -> int:
     return min(max(r, 1), power.size)
 
 
+_SVDS = Memo("svd")
+
+
+def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD, memoized on the matrix's bytes: a search factorizes the same weights at
+    many ranks, and the truncation is the cheap part."""
+    return _SVDS.get(digest(matrix), lambda: np.linalg.svd(matrix, full_matrices=False))
+
+
 def svd_factors(
     matrix: np.ndarray, rank: int | None, energy: float
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """``matrix [K, N] ~ left [K, r] @ right [r, N]`` (truncated SVD, sqrt(S) on both sides)."""
-    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    u, s, vt = _svd(np.asarray(matrix, dtype=np.float64))
     r = min(rank, s.size) if rank else energy_rank(s, energy)
     root = np.sqrt(s[:r])
     return u[:, :r] * root, root[:, None] * vt[:r], r
@@ -77,7 +87,7 @@ def svd_factors(
 
 def _mode_basis(unfolded: np.ndarray, rank: int | None, energy: float) -> np.ndarray:
     """Leading left singular vectors of a mode unfolding (the HOSVD factor of that mode)."""
-    u, s, _ = np.linalg.svd(unfolded, full_matrices=False)
+    u, s, _ = _svd(unfolded)
     r = min(rank, s.size) if rank else energy_rank(s, energy)
     return u[:, :r]
 
