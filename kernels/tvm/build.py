@@ -151,10 +151,18 @@ def build(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    # CUDA: TVM's default pipeline (dlight GPU rules); CPU: ours
-    pipeline = "default" if target.kind.name == "cuda" else relax_pipeline(target, choose)
+    # CUDA: TVM's default pipeline (dlight GPU rules); CPU: ours, with the Relax VM's program
+    # compiled to native code ("compiled" mode: no bytecode interpreter between the kernels,
+    # about 1.5 us less per call of the digits CNN's 26 VM instructions)
+    cuda = target.kind.name == "cuda"
+    pipeline = "default" if cuda else relax_pipeline(target, choose)
     try:
-        executable = tvm.compile(relax_mod, target=target, relax_pipeline=pipeline)
+        executable = tvm.relax.build(
+            relax_mod,
+            target,
+            relax_pipeline=pipeline,
+            exec_mode="bytecode" if cuda else "compiled",
+        )
     except Exception as e:
         text = " ".join(str(e).split())[:300]
         raise GraphSurgeonError(f"TVM could not compile the model for {target}: {text}") from None
@@ -167,7 +175,7 @@ def build(
         "format": META_FORMAT,
         "tvm_version": tvm.__version__,
         "target": str(target),
-        "device": "cuda" if target.kind.name == "cuda" else "cpu",
+        "device": "cuda" if cuda else "cpu",
         "profile": profile.name,
         "threads": threads,
         "inputs": [_describe(v) for v in model.graph.inputs],

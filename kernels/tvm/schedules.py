@@ -49,6 +49,13 @@ def simd_lanes(target: Target, bits: int = 32) -> int:
     return max((width if width > 0 else 128) // bits, 4)
 
 
+#: Block names of TOPI's padding stages (``pad_temp`` for conv2d and pooling).
+PAD_BLOCKS = ("pad_temp", "data_pad", "PadInput")
+
+#: TOPI's NCHW conv2d block, and the most elements its im2col copy may have (16 MB).
+CONV_BLOCK = "conv2d_nchw"
+IM2COL_MAX_ELEMENTS = 1 << 22
+
 #: Waking the thread pool costs microseconds: smaller kernels run on the calling thread.
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
@@ -73,11 +80,20 @@ def _divisor_at_most(extent: int, limit: int) -> int:
 def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Schedule | None:
     """A schedule for one fused kernel, or None when no rule applies."""
     sch = s_tir.Schedule(func)
+    col = _im2col(sch)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
     staged = [b for b in infos if sch.get(b.block_rv).name_hint == DEQUANT_BLOCK]
-    infos = try_inline(sch, [b for b in infos if b not in staged])
+    # padding (or the im2col copy) stays a stage of its own: inlined, every multiply-add of a
+    # conv would test the bounds (a masked gather instead of one vector load)
+    pads = [
+        b
+        for b in infos
+        if sch.get(b.block_rv).name_hint.startswith(PAD_BLOCKS)
+        or sch.get(b.block_rv).name_hint == col
+    ]
+    infos = try_inline(sch, [b for b in infos if b not in staged and b not in pads])
     reductions = [b for b in infos if not b.is_injective()]
     if staged and (len(staged) > 1 or len(reductions) != 1):
         return None
@@ -90,6 +106,53 @@ def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Sc
     except Exception:  # a primitive refused (ScheduleError): leave the kernel to other rules
         return None
     return None
+
+
+def _im2col(sch: s_tir.Schedule) -> str | None:
+    """An NCHW conv as a matmul over the output pixels: ``Y[n, f, y*W + x] = sum_{c,r,s}
+    K[f, c, r, s] * col[n, c, r, s, y*W + x]``, with ``col`` the padded input gathered once
+    (``im2col``, bounds tests included, laid out pixels last). The matmul schedule then runs
+    ``rows`` output channels per step against one contiguous vector of ``col``: all ``H*W``
+    pixels are SIMD lanes, not just one row of ``W`` (4 or 8 lanes on small images, where half
+    a 512-bit vector went idle), and the inner loop has no bounds test. Returns the name of the
+    ``col`` block (left out of inlining), or None when the kernel is no plain conv2d or ``col``
+    would exceed :data:`IM2COL_MAX_ELEMENTS`."""
+    try:
+        conv = sch.get_sblock(CONV_BLOCK)
+    except Exception:  # no such block: not a conv2d kernel
+        return None
+    block = sch.get(conv)
+    iters = block.iter_vars
+    kinds = "".join("S" if int(v.iter_type) == 0 else "R" for v in iters)
+    if kinds != "SSSSRRR" or not block.reads:
+        return None
+    try:
+        n, _f, h, w, c, r, s = (int(v.dom.extent) for v in iters)
+    except TypeError:  # symbolic extent
+        return None
+    if n * h * w * c * r * s > IM2COL_MAX_ELEMENTS:
+        return None
+    out_extents = [n, _f, h, w]
+    col = sch.reindex(conv, ("read", 0))  # col[n, y, x, c, r, s]: the read, per block iter
+    for producer in sch.get_producers(col):
+        if sch.get(producer).name_hint.startswith(PAD_BLOCKS):
+            sch.compute_inline(producer)
+    sch.transform_layout(conv, ("read", 0), lambda n, y, x, c, r, s: (n, c, r, s, y, x))
+    sch.transform_block_layout(conv, lambda n, f, y, x, c, r, s: (n, f, y * w + x, c, r, s))
+    sch.transform_block_layout(col, lambda n, y, x, c, r, s: (n, c, r, s, y * w + x))
+    for other in sch.get_child_blocks(sch.get_sblock("root")):
+        info = sch.get(other)
+        extents = [v.dom.extent for v in info.iter_vars]
+        if (
+            other == conv
+            or len(extents) != 4
+            or not all(isinstance(e, tirx.IntImm) for e in extents)
+        ):
+            continue
+        if [int(e) for e in extents] == out_extents:  # epilogues (bias, ReLU): same fusion
+            with contextlib.suppress(Exception):
+                sch.transform_block_layout(other, lambda n, f, y, x: (n, f, y * w + x))
+    return sch.get(col).name_hint
 
 
 def _injective(sch, infos, target, knobs) -> s_tir.Schedule | None:
