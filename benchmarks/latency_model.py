@@ -1,15 +1,15 @@
 """How well does the latency model rank compression policies? Predicted against measured.
 
-For the digits CNN (batch 64) and MiniLM-L6 (1 x 128), it draws random per-layer policies:
-a policy draws an intensity, then each layer is touched with that chance and loses 25% or
-50% of its output channels (``prune-channels``) or, for a MatMul, gets int4 weights
-(``quantize-weights``). The first
-``--train`` policies fill the lookup table (``graphsurgeon profile calibrate`` does the same);
-the same training models, measured whole, fit the per-op-type corrections
-(``fit_corrections``). The next ``--policies`` (>= 30) are predicted with that table, nodes it
-has never seen falling back to the roofline, and then measured in onnxruntime (2 threads, median of ``--repeats``
-runs after warm-up). It prints the Spearman rank correlation (target >= 0.9) and the time to
-predict one policy against the time to measure it.
+For the digits CNN (batch 64) and MiniLM-L6 (1 x 128), it draws distinct random per-layer
+policies: a policy draws an intensity, then each layer is touched with that chance and loses
+25% or 50% of its output channels (``prune-channels``) or, for a MatMul, gets int4 weights
+(``quantize-weights``). ``--train`` of them calibrate the model exactly as
+``graphsurgeon profile calibrate --policies N`` does (node table, then whole models measured to
+fit the per-op-type corrections). ``--policies`` (>= 30) others, never seen by the fit, are
+predicted, then measured in onnxruntime (the profile's threads) *in turn*: ``--rounds``
+rounds, each timing every policy, so a slow spell of a shared machine lands on all of them
+rather than reordering them. It prints the Spearman rank correlation (target >= 0.9) and the
+time to predict one policy against the time to measure it.
 
     python benchmarks/latency_model.py [--models digits,minilm] [--policies 30] [--train 8]
 """
@@ -29,9 +29,9 @@ import numpy as np
 import graphsurgeon as gs
 from graphsurgeon.data import generate_inputs
 from graphsurgeon.detect import detect_profile
-from graphsurgeon.latency import measure_latency
-from graphsurgeon.latency_fit import random_policy
-from graphsurgeon.latency_model import LatencyTable, breakdown, calibrate, fit_corrections, predict
+from graphsurgeon.latency import measure_interleaved
+from graphsurgeon.latency_fit import calibrate_policies, random_policy
+from graphsurgeon.latency_model import LatencyTable, predict
 from graphsurgeon.layers import find_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,70 +72,82 @@ def run_model(name: str, path: Path, args: argparse.Namespace, profile) -> dict:
     layer_ops = {
         layer.id: layer.op_type for layer in find_layers(base) if layer.op_type != "Gather"
     }
-    rng = random.Random(args.seed)
+    threads = profile.measurement.threads
     table = LatencyTable(profile.name)
     t0 = time.perf_counter()
-    samples = []
-    for i in range(args.train + 1):
-        model = base if i == 0 else build(path, shapes, random_policy(layer_ops, rng))
-        calibrate(model, profile, table, repeats=args.repeats)
-        feed = generate_inputs(model, seed=0)
-        stats = measure_latency(
-            _serialize(model), [feed], threads=profile.measurement.threads, repeats=args.repeats
-        )
-        samples.append((breakdown(model, profile, table)[0], stats.median_s))
-    # the node table alone (uncorrected), then the whole-model corrections fitted on the
-    # same training models (no test policy is ever seen by the fit)
-    raw_table = LatencyTable(table.profile, dict(table.entries))
-    fit_error = fit_corrections(samples, profile, table)
+    # what `graphsurgeon profile calibrate --policies N` does: node table for the original and
+    # N random variants, the whole variants measured in turn, the corrections fitted on them
+    fit = calibrate_policies(
+        base, profile, table, policies=args.train, repeats=args.repeats, seed=args.seed
+    )
     calibration_s = time.perf_counter() - t0
-    predicted, raw, measured, t_predict, t_measure, coverage = [], [], [], [], [], []
-    for i in range(args.policies):
+    raw_table = LatencyTable(table.profile, dict(table.entries))  # the node table alone
+    seen = {json.dumps(steps, sort_keys=True) for steps in fit["policies"]}
+    rng = random.Random(args.seed + 1)
+    models, t_predict, predicted, raw, coverage = [], [], [], [], []
+    while len(models) < args.policies:  # distinct policies, none seen by the fit
         steps = random_policy(layer_ops, rng)
+        key = json.dumps(steps, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
         model = build(path, shapes, steps)
         t0 = time.perf_counter()
         guess = predict(model, profile, table)
         t_predict.append(time.perf_counter() - t0)
         coverage.append(guess.from_table / max(1, guess.from_table + guess.from_roofline))
-        feed = generate_inputs(model, seed=0)
-        t0 = time.perf_counter()
-        stats = measure_latency(
-            _serialize(model), [feed], threads=profile.measurement.threads, repeats=args.repeats
-        )
-        t_measure.append(time.perf_counter() - t0)
         predicted.append(guess.seconds)
         raw.append(predict(model, profile, raw_table).seconds)
-        measured.append(stats.median_s)
+        models.append(model)
+    # every test policy timed in turn, round after round: the machine's drift hits all alike
+    t0 = time.perf_counter()
+    stats = measure_interleaved(
+        [(_serialize(m), [generate_inputs(m, seed=0)]) for m in models],
+        threads=threads,
+        rounds=args.rounds,
+        repeats=max(1, args.repeats // args.rounds),
+    )
+    t_measure = (time.perf_counter() - t0) / len(models)
+    measured = [st.quiet_s for st in stats]  # what the model predicts: see calibrate()
+    medians = [st.median_s for st in stats]
+    for i, (guess, st) in enumerate(zip(predicted, stats, strict=True)):
         print(
-            f"  {name} policy {i + 1:>2}: predicted {guess.seconds * 1e3:8.3f} ms  "
-            f"measured {stats.median_s * 1e3:8.3f} ms  table coverage {coverage[-1]:.0%}",
+            f"  {name} policy {i + 1:>2}: predicted {guess * 1e3:8.3f} ms  "
+            f"measured {st.quiet_s * 1e3:8.3f} ms quietest round, "
+            f"{st.median_s * 1e3:8.3f} ms median (cv {st.cv:.0%})  "
+            f"table coverage {coverage[i]:.0%}",
             flush=True,
         )
     rho = spearman(predicted, measured)
     rho_raw = spearman(raw, measured)
+    rho_median = spearman(predicted, medians)
     result = {
         "spearman_uncorrected": rho_raw,
-        "fit_rms_relative_error": fit_error,
+        "spearman_vs_median": rho_median,
+        "fit_rms_relative_error": fit["fit_rms_relative_error"],
         "scales": table.scales,
         "offset_ms": table.offset * 1e3,
         "model": name,
         "policies": args.policies,
         "train_policies": args.train,
+        "rounds": args.rounds,
+        "runs_per_policy": args.rounds * max(1, args.repeats // args.rounds),
         "table_entries": len(table.entries),
         "calibration_s": calibration_s,
         "spearman": rho,
         "predict_s_median": statistics.median(t_predict),
-        "measure_s_median": statistics.median(t_measure),
+        "measure_s_mean": t_measure,
         "table_coverage_mean": float(np.mean(coverage)),
         "predicted_ms": [p * 1e3 for p in predicted],
         "measured_ms": [m * 1e3 for m in measured],
+        "measured_median_ms": [m * 1e3 for m in medians],
     }
-    speed = result["measure_s_median"] / result["predict_s_median"]
+    speed = t_measure / result["predict_s_median"]
     print(
         f"{name}: Spearman {rho:.3f} (target >= 0.9) {'OK' if rho >= 0.9 else 'MISSED'}, "
-        f"node table alone {rho_raw:.3f}; "
+        f"node table alone {rho_raw:.3f}, against round medians {rho_median:.3f}; "
         f"predict {result['predict_s_median'] * 1e3:.1f} ms vs measure "
-        f"{result['measure_s_median'] * 1e3:.1f} ms per policy ({speed:.1f}x faster); "
+        f"{t_measure * 1e3:.1f} ms per policy ({speed:.1f}x faster); "
         f"table {len(table.entries)} entries, {result['table_coverage_mean']:.0%} of nodes covered",
         flush=True,
     )
@@ -153,7 +165,8 @@ def main() -> int:
     parser.add_argument("--models", default="digits,minilm")
     parser.add_argument("--policies", type=int, default=30)
     parser.add_argument("--train", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per model")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

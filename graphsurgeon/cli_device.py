@@ -88,7 +88,7 @@ def cmd_profile_calibrate(args: argparse.Namespace) -> int:
     print(
         f"{added} new entries ({len(table.entries)} in all) in {path}; predicted latency "
         f"{guess.seconds * 1e3:.3f} ms ({guess.from_table} nodes from the table, "
-        f"{guess.from_roofline} from the roofline)"
+        f"{guess.from_roofline} estimated from the table's per-op fit or the roofline)"
     )
     return 0
 

@@ -27,6 +27,9 @@ class LatencyStats:
     threads: int
     min_s: float = math.nan
     max_s: float = math.nan
+    #: interleaved timing only: the lowest per-round median, the model's latency in the
+    #: quietest round (a shared machine's other tenants only ever add time)
+    quiet_s: float = math.nan
 
 
 def session_for(
@@ -41,6 +44,28 @@ def session_for(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else os.fspath(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _prepare(session: ort.InferenceSession, feeds: Sequence[Feed]) -> list[Feed]:
+    wanted = {i.name for i in session.get_inputs()}
+    return [{k: v for k, v in f.items() if k in wanted} for f in feeds]
+
+
+def _stats(
+    times: list[float], threads: int, median: float | None = None, quiet: float = math.nan
+) -> LatencyStats:
+    times = sorted(times)
+    mean = statistics.fmean(times)
+    return LatencyStats(
+        median_s=statistics.median(times) if median is None else median,
+        p90_s=times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+        cv=(statistics.pstdev(times) / mean) if mean > 0 else 0.0,
+        runs=len(times),
+        threads=threads,
+        min_s=times[0],
+        max_s=times[-1],
+        quiet_s=quiet,
+    )
 
 
 def measure_latency(
@@ -65,8 +90,7 @@ def measure_latency(
         threads = session.get_session_options().intra_op_num_threads
     else:
         session = session_for(model, threads=threads, optimize=optimize)
-    wanted = {i.name for i in session.get_inputs()}
-    prepared = [{k: v for k, v in f.items() if k in wanted} for f in feeds]
+    prepared = _prepare(session, feeds)
     for i in range(warmup):
         session.run(None, prepared[i % len(prepared)])
     times = []
@@ -75,14 +99,57 @@ def measure_latency(
         t0 = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    mean = statistics.fmean(times)
-    return LatencyStats(
-        median_s=statistics.median(times),
-        p90_s=times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
-        cv=(statistics.pstdev(times) / mean) if mean > 0 else 0.0,
-        runs=len(times),
-        threads=threads,
-        min_s=times[0],
-        max_s=times[-1],
-    )
+    return _stats(times, threads)
+
+
+def measure_interleaved(
+    models: Sequence[tuple[str | os.PathLike | bytes | ort.InferenceSession, Sequence[Feed]]],
+    *,
+    threads: int = 2,
+    warmup: int = 3,
+    rounds: int = 7,
+    repeats: int = 10,
+) -> list[LatencyStats]:
+    """Time several models in turn: ``rounds`` rounds, each running every model ``repeats``
+    times (after ``warmup`` untimed runs of each at the start).
+
+    On a shared machine the load drifts over seconds; timing models one after the other lets
+    a slow spell land on some of them and not the others, which reorders models whose
+    latencies differ by less than the drift. In turns, every model sees the same spells.
+    Each model's ``median_s`` is the median of its per-round medians (a spell that covers a
+    whole round moves one of them), ``quiet_s`` the lowest of them; p90, cv, min and max are
+    over all its runs.
+    """
+    if not models:
+        return []
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need rounds, repeats >= 1 and warmup >= 0 (got {rounds}, {repeats})")
+    runs = []
+    for model, feeds in models:
+        if not feeds:
+            raise ValueError("measure_interleaved needs at least one feed per model")
+        session = (
+            model
+            if isinstance(model, ort.InferenceSession)
+            else session_for(model, threads=threads)
+        )
+        prepared = _prepare(session, feeds)
+        for i in range(warmup):
+            session.run(None, prepared[i % len(prepared)])
+        runs.append((session, prepared))
+    times: list[list[float]] = [[] for _ in runs]
+    round_medians: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for k, (session, prepared) in enumerate(runs):
+            mine = []
+            for i in range(repeats):
+                feed = prepared[i % len(prepared)]
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                mine.append(time.perf_counter() - t0)
+            times[k].extend(mine)
+            round_medians[k].append(statistics.median(mine))
+    return [
+        _stats(t, s.get_session_options().intra_op_num_threads, statistics.median(m), min(m))
+        for t, m, (s, _) in zip(times, round_medians, runs, strict=True)
+    ]

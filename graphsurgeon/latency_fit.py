@@ -3,12 +3,14 @@
 ``graphsurgeon profile calibrate MODEL --profile P --policies N`` draws N policies the way
 search explores them (each policy first draws how much it compresses, then each layer is
 touched with that chance: 25% or 50% of its output channels removed, or, for a MatMul, int4
-weights), fills the node table for every variant and measures each whole model; the
-measurements fit the per-op-type corrections of :func:`graphsurgeon.latency_model.fit_corrections`.
+weights), fills the node table for every variant, and measures the whole models in turn
+(interleaved rounds, so the machine's drift hits them alike); the measurements fit the
+per-op-type corrections of :func:`graphsurgeon.latency_model.fit_corrections`.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from graphsurgeon.data import generate_inputs
-from graphsurgeon.latency import measure_latency
+from graphsurgeon.latency import measure_interleaved
 from graphsurgeon.latency_model import LatencyTable, breakdown, calibrate, fit_corrections
 from graphsurgeon.layers import find_layers
 from graphsurgeon.measure import available_cpus
@@ -78,19 +80,38 @@ def calibrate_policies(
     }
     rng = random.Random(seed)
     threads = min(profile.threads(), available_cpus())
-    samples, added = [], 0
+    added = 0
     proto = ir.to_proto(model).SerializeToString()
-    for i in range(policies + 1):
+    variants, seen, drawn = [], set(), []
+    for _ in range(8 * (policies + 1)):  # distinct policies: a duplicate teaches the fit nothing
+        if len(variants) == policies + 1:
+            break
+        steps = random_policy(layer_ops, rng) if variants else []
+        key = json.dumps(steps, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        drawn.append(steps)
         variant = ir.serde.deserialize_model(onnx.ModelProto.FromString(proto))
-        steps = random_policy(layer_ops, rng) if i else []
         if steps:
             run_pipeline(variant, steps, verify="off")
         added += calibrate(variant, profile, table, repeats=repeats)
-        feed = generate_inputs(variant, seed=0)
-        stats = measure_latency(
-            ir.to_proto(variant).SerializeToString(), [feed], threads=threads, repeats=repeats
-        )
-        samples.append((breakdown(variant, profile, table)[0], stats.median_s))
-        log(f"  variant {i}: measured {stats.median_s * 1e3:.3f} ms")
+        variants.append(variant)
+    measured = measure_interleaved(
+        [(ir.to_proto(v).SerializeToString(), [generate_inputs(v, seed=0)]) for v in variants],
+        threads=threads,
+        rounds=5,
+        repeats=max(1, repeats // 5),
+    )
+    samples = []
+    for i, (variant, stats) in enumerate(zip(variants, measured, strict=True)):
+        samples.append((breakdown(variant, profile, table)[0], stats.quiet_s))
+        log(f"  variant {i}: measured {stats.quiet_s * 1e3:.3f} ms (quietest round)")
     error = fit_corrections(samples, profile, table) if len(samples) >= 2 else None
-    return {"added": added, "measured": len(samples), "fit_rms_relative_error": error}
+    return {
+        "added": added,
+        "measured": len(samples),
+        "fit_rms_relative_error": error,
+        "policies": drawn,
+        "measured_ms": [st.quiet_s * 1e3 for st in measured],
+    }

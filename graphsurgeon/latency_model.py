@@ -1,15 +1,20 @@
-"""A fast latency estimate for search: a per-layer lookup table measured on the device, with a
-roofline estimate wherever the table has no entry.
+"""A fast latency estimate for search: a per-layer lookup table measured on the device, with an
+estimate fitted to that table (or, with too few entries, the roofline) wherever the table has
+no entry.
 
 A layer's latency depends on what it computes, so the table is keyed by a *signature*: op,
 input and weight shapes, weight dtype (bits), sparsity and the attributes that change the
 work (strides, groups...). ``calibrate`` extracts each layer into a one-node model (its
 constant inputs and their DequantizeLinear/Cast chains included, via onnx's Extractor), times
-it in onnxruntime with the profile's threads, and stores the median. Tables are JSON files,
-one per profile, cached under ``~/.cache/graphsurgeon/latency`` (``GRAPHSURGEON_CACHE``).
+it in onnxruntime with the profile's threads, in turn with the other new nodes over several
+rounds, and stores its quietest round's median. Tables are JSON files, one per profile, cached
+under ``~/.cache/graphsurgeon/latency`` (``GRAPHSURGEON_CACHE``).
 
-The roofline estimate of any node is ``max(flops / peak[dtype], bytes / bandwidth)`` plus the
-per-node launch overhead: the time of whichever of compute and memory traffic is the bottleneck.
+A signature the table lacks (a layer pruned to a width never timed) is charged by its op
+type's cost law fitted over the table's entries of that op, ``a * flops + b * bytes + c``
+(non-negative least squares): this device's measured throughput, not the datasheet's. With
+fewer than three entries of an op, the roofline ``max(flops / peak[dtype], bytes /
+bandwidth)`` is used: the time of whichever of compute and memory traffic is the bottleneck.
 
 A node timed alone is not the node inside the model: onnxruntime fuses neighbours (QDQ pairs
 into int8 kernels, MatMul+Add, Gelu, LayerNorm), and a weight read cold in a sequence of layers
@@ -35,7 +40,7 @@ from onnx.utils import Extractor
 
 from graphsurgeon.calibration import collect_activations
 from graphsurgeon.data import generate_inputs
-from graphsurgeon.latency import measure_latency
+from graphsurgeon.latency import measure_interleaved, session_for
 from graphsurgeon.layers import Layer, find_layers
 from graphsurgeon.measure import available_cpus
 from graphsurgeon.model_io import atomic_write
@@ -113,6 +118,19 @@ class LatencyTable:
     #: per op type multipliers and a constant (seconds), fitted on whole models
     scales: dict[str, float] = field(default_factory=dict)
     offset: float = 0.0
+    #: per entry: op type, FLOPs and bytes moved, for the per-op fit of unseen signatures
+    features: dict[str, list] = field(default_factory=dict)
+
+    def op_fit(self, op: str) -> tuple[float, float, float] | None:
+        """``(seconds per FLOP, seconds per byte, seconds per node)`` of ``op`` on this device,
+        a non-negative least-squares fit over the op's entries; None with fewer than three."""
+        if self._fits is None:
+            self._fits = _fit_ops(self)
+        return self._fits.get(op)
+
+    _fits: dict[str, tuple[float, float, float]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def path_for(cls, profile: HardwareProfile) -> Path:
@@ -129,6 +147,7 @@ class LatencyTable:
                 {k: float(v) for k, v in data["entries"].items()},
                 {k: float(v) for k, v in data.get("scales", {}).items()},
                 float(data.get("offset", 0.0)),
+                dict(data.get("features", {})),
             )
         return cls(profile.name)
 
@@ -142,12 +161,51 @@ class LatencyTable:
                     "entries": self.entries,
                     "scales": self.scales,
                     "offset": self.offset,
+                    "features": self.features,
                 },
                 f,
                 indent=1,
                 sort_keys=True,
             )
         return path
+
+
+def _node_features(node: ir.Node, layer: Layer | None, stats) -> tuple[float, float]:
+    """FLOPs (a layer's, from :func:`graphsurgeon.stats.model_stats`; 0 for other nodes) and
+    bytes moved: constant inputs read plus non-constant inputs and outputs, at their dtype."""
+    flops = float((stats.layers[layer.id].flops or 0) if layer is not None else 0)
+    nbytes = 0.0
+    for value in [*node.inputs, *node.outputs]:
+        if value is None or value.dtype is None:
+            continue
+        dims = static_dims(value.shape)
+        if dims is None and value.const_value is not None:
+            dims = list(value.const_value.shape)
+        if dims is not None:
+            nbytes += float(np.prod(dims)) * max(1.0, value.dtype.itemsize)
+    return flops, nbytes
+
+
+def _fit_ops(table: LatencyTable) -> dict[str, tuple[float, float, float]]:
+    """Per op type, ``t = a * flops + b * bytes + c`` with ``a, b, c >= 0`` fitted to the table's
+    measured entries: the device's effective throughput for that op, which a datasheet peak
+    (the roofline) overestimates by as much as the kernels fall short of it."""
+    from scipy.optimize import nnls
+
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for sig, (op, flops, nbytes) in table.features.items():
+        if sig in table.entries:
+            rows.setdefault(op, []).append((flops, nbytes, table.entries[sig]))
+    fits = {}
+    for op, data in rows.items():
+        if len(data) < 3:
+            continue
+        a = np.array([[f, b, 1.0] for f, b, _ in data])
+        y = np.array([t for *_, t in data])
+        norm = np.maximum(a.max(axis=0), 1e-30)  # well-conditioned columns
+        coef, _ = nnls(a / norm, y)
+        fits[op] = tuple(float(c) for c in coef / norm)
+    return fits
 
 
 def _node_model(full: onnx.ModelProto, node: ir.Node, constants: set[str]) -> onnx.ModelProto:
@@ -187,12 +245,21 @@ def _constant_names(model: ir.Model) -> set[str]:
 
 
 def calibrate(
-    model: ir.Model, profile: HardwareProfile, table: LatencyTable, *, repeats: int = 30
+    model: ir.Model,
+    profile: HardwareProfile,
+    table: LatencyTable,
+    *,
+    repeats: int = 30,
+    rounds: int = 5,
 ) -> int:
     """Time every node of ``model`` whose signature the table lacks; returns how many.
 
-    Each entry is the node's median latency alone minus the session's fixed launch overhead,
-    which a whole model pays once, not per node.
+    Each entry is the node's latency alone minus the session's fixed launch overhead, which
+    a whole model pays once, not per node. The new nodes are timed in turn over ``rounds``
+    rounds (about ``repeats`` runs each in all, see
+    :func:`graphsurgeon.latency.measure_interleaved`) and each keeps its quietest round's
+    median: the model predicts a device's own latency, and a shared machine's other tenants
+    only ever add to it, unevenly across entries.
     """
     annotate_runtime_shapes(model)
     full = onnx.shape_inference.infer_shapes(ir.to_proto(model))
@@ -200,24 +267,43 @@ def calibrate(
     overhead = _launch_overhead(profile)
     constants = _constant_names(model)
     layers = {layer.node: layer for layer in find_layers(model)}
-    added = 0
+    stats = model_stats(model)
+    pending: dict[str, tuple[object, list]] = {}
+    features: dict[str, list] = {}
     for node in model.graph:
         if node.outputs and node.outputs[0].name in constants:
             continue  # folded away at session creation
         sig = node_signature(node, layers.get(node))
-        if sig is None or sig in table.entries:
+        if sig is None or sig in table.entries or sig in pending:
             continue
         try:
             sub = _node_model(full, node, constants)
             feed = generate_inputs(ir.serde.deserialize_model(sub), seed=0)
-            stats = measure_latency(
-                sub.SerializeToString(), [feed], threads=threads, repeats=repeats
-            )
+            session = session_for(sub.SerializeToString(), threads=threads)
+            session.run(None, _feed_for(session, feed))
         except Exception:
             continue  # a node ORT cannot run alone (sequence types, subgraphs): roofline
-        table.entries[sig] = max(0.0, stats.median_s - overhead)
-        added += 1
-    return added
+        pending[sig] = (session, [feed])
+        features[sig] = [node.op_type, *_node_features(node, layers.get(node), stats)]
+    if not pending:
+        return 0
+    rounds = max(1, min(rounds, repeats))
+    timed = measure_interleaved(
+        list(pending.values()),
+        threads=threads,
+        rounds=rounds,
+        repeats=max(1, round(repeats / rounds)),
+    )
+    for sig, st in zip(pending, timed, strict=True):
+        table.entries[sig] = max(0.0, st.quiet_s - overhead)
+    table.features.update(features)
+    table._fits = None
+    return len(pending)
+
+
+def _feed_for(session, feed: dict) -> dict:
+    wanted = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in wanted}
 
 
 def _launch_overhead(profile: HardwareProfile) -> float:
@@ -228,7 +314,7 @@ def _launch_overhead(profile: HardwareProfile) -> float:
 class Prediction:
     seconds: float
     from_table: int  # nodes found in the table
-    from_roofline: int  # nodes estimated by the roofline
+    from_roofline: int  # nodes estimated: the op type's fit over the table, else the roofline
 
 
 def roofline_seconds(
@@ -243,9 +329,11 @@ def roofline_seconds(
 def breakdown(
     model: ir.Model, profile: HardwareProfile, table: LatencyTable
 ) -> tuple[dict[str, float], int, int]:
-    """Uncorrected seconds per op type (table or roofline), nodes from the table, from the
-    roofline. A layer missing from the table is charged its FLOPs and weight bytes; any other
-    node one memory-bound pass over its output."""
+    """Uncorrected seconds per op type, nodes from the table, nodes estimated. A node missing
+    from the table is charged by its op type's fit over the table (:meth:`LatencyTable.op_fit`:
+    this device's measured cost per FLOP, per byte and per node); an op type the table has
+    too few entries of falls back to the roofline: a layer its FLOPs and weight bytes, any
+    other node one memory-bound pass over its output."""
     annotate_runtime_shapes(model)
     stats = model_stats(model)
     constants = _constant_names(model)
@@ -262,7 +350,11 @@ def breakdown(
             hits += 1
         else:
             misses += 1
-            if layer is not None:
+            fit = table.op_fit(node.op_type)
+            if fit is not None:
+                flops, nbytes = _node_features(node, layer, stats)
+                seconds = fit[0] * flops + fit[1] * nbytes + fit[2]
+            elif layer is not None:
                 flops = stats.layers[layer.id].flops or 0
                 dtype = _DTYPE.get(layer.weight.dtype.name, "fp32")
                 seconds = roofline_seconds(profile, flops, layer.weight.nbytes, dtype)

@@ -160,3 +160,75 @@ def test_fit_corrections_recovers_fusion_scales_and_keeps_unseen_ops_at_one() ->
     assert all(s >= 0 for s in table.scales.values())
     with pytest.raises(ValueError, match="at least two"):
         fit_corrections(samples[:1], profile, table)
+
+
+def test_interleaved_timing_takes_turns_and_reports_round_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two models, 3 rounds of 2 runs: the runs alternate model by model, round by round;
+    each model's median is the median of its round medians, ``quiet_s`` the lowest of them."""
+    a, b = session_for(_tiny_model(), threads=1), session_for(_tiny_model(), threads=2)
+    order: list[str] = []
+    for name, s in (("a", a), ("b", b)):
+        run = s.run
+        monkeypatch.setattr(
+            s, "run", lambda n, f, *r, _n=name, _run=run: (order.append(_n), _run(n, f))[1]
+        )
+    # durations in call order: a a | b b per round
+    durations = [1, 3, 10, 10, 2, 2, 20, 40, 9, 9, 30, 30]
+    ticks = itertools.chain.from_iterable(
+        (100.0 * i, 100.0 * i + d) for i, d in enumerate(durations)
+    )
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    sa, sb = latency.measure_interleaved(
+        [(a, _feeds(1)), (b, _feeds(1))], warmup=1, rounds=3, repeats=2
+    )
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then turns
+    assert (sa.runs, sb.runs) == (6, 6)
+    assert (sa.threads, sb.threads) == (1, 2)
+    assert sa.median_s == pytest.approx(statistics.median([2, 2, 9]))
+    assert sa.quiet_s == pytest.approx(2)
+    assert sb.median_s == pytest.approx(statistics.median([10, 30, 30]))
+    assert sb.quiet_s == pytest.approx(10)
+    assert (sb.min_s, sb.max_s) == (pytest.approx(10), pytest.approx(40))
+
+
+def test_interleaved_timing_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        latency.measure_interleaved([(_tiny_model(), [])])
+    with pytest.raises(ValueError):
+        latency.measure_interleaved([(_tiny_model(), _feeds(1))], rounds=0)
+    assert latency.measure_interleaved([]) == []
+
+
+def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
+    """Table entries made from a known cost law (t = 2 ns/FLOP + 0.5 ns/byte + 3 us) give that
+    law back; a MatMul the table has never seen is charged by it, not by the roofline."""
+    import onnx_ir as ir
+
+    from graphsurgeon.latency_model import LatencyTable, _node_features, breakdown
+    from graphsurgeon.layers import find_layers
+    from graphsurgeon.profiles import load_profile
+    from graphsurgeon.shapes import ShapeInferencePass
+    from graphsurgeon.stats import model_stats
+
+    profile = load_profile("x86-avx512-vnni")
+    law = (2e-9, 0.5e-9, 3e-6)
+    table = LatencyTable(profile.name)
+    for i, (flops, nbytes) in enumerate([(1e5, 4e4), (4e6, 1e5), (3e7, 9e5), (5e5, 2e6)]):
+        table.entries[f"sig{i}"] = law[0] * flops + law[1] * nbytes + law[2]
+        table.features[f"sig{i}"] = ["MatMul", flops, nbytes]
+    fit = table.op_fit("MatMul")
+    assert fit == pytest.approx(law, rel=1e-6)
+    assert table.op_fit("Conv") is None  # no entries: roofline
+
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(_tiny_model()))
+    model.graph.inputs[0].shape = ir.Shape([8, 4])
+    ShapeInferencePass()(model)
+    per_op, hits, misses = breakdown(model, profile, table)
+    assert (hits, misses) == (0, 2)
+    (layer,) = find_layers(model)
+    flops, nbytes = _node_features(layer.node, layer, model_stats(model))
+    assert flops == 2 * 8 * 4 * 3
+    assert nbytes == 4 * (8 * 4 + 4 * 3 + 8 * 3)  # x, W, h in fp32
+    assert per_op["MatMul"] == pytest.approx(law[0] * flops + law[1] * nbytes + law[2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,35 @@ def test_roofline_is_the_slower_of_compute_and_memory() -> None:
     assert roofline_seconds(profile, flops, 0, "int4") == pytest.approx(
         flops / 67e12
     )  # no int4 peak: fp32
+
+
+def test_profile_calibrate_with_policies_fits_corrections(digits, tmp_path: Path) -> None:
+    """`profile calibrate --policies 2`: the original and two random variants are timed node by
+    node and whole; the table file keeps entries, their cost features and the fitted scales."""
+    import json
+
+    env = {**os.environ, "GRAPHSURGEON_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [
+            *CLI,
+            "profile",
+            "calibrate",
+            str(digits["model"]),
+            "--profile",
+            "x86-avx512-vnni",
+            "--shape",
+            "input=8x1x8x8",
+            "--policies",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "corrections fitted on 3 measured models" in result.stdout
+    (path,) = (tmp_path / "latency").glob("x86-avx512-vnni-*.json")
+    data = json.loads(path.read_text())
+    assert set(data["features"]) == set(data["entries"])
+    assert {"Conv", "Gemm"} <= set(data["scales"])
+    assert all(v >= 0 for v in data["scales"].values())
