@@ -38,10 +38,12 @@ from graphsurgeon.search.evaluate import EvalConfig, EvalTask, evaluator_for, ob
 from graphsurgeon.search.executors import Executor, make_executor
 from graphsurgeon.search.pareto import crowding_distance, hypervolume, pareto_mask
 from graphsurgeon.search.policy import Policy
+from graphsurgeon.search.seeds import seed_policies
 from graphsurgeon.search.space import SearchSpace
 from graphsurgeon.search.strategies.base import Score, Strategy, get_strategy
 
 COST_KEYS = ("latency_ms", "size_bytes", "energy_mj")
+_SHARED_LATENCY = 1024  # newest node timings shipped to the workers with each batch
 
 
 def baseline_pipelines() -> dict[str, list[Any]]:
@@ -265,14 +267,7 @@ def tune(
     ex = make_executor(executor, workers, ray_address)
     try:
         loop.baselines(ex)
-        initial = [
-            space.encode(p)
-            for p in (
-                space.uniform("quantize-int8", calibration="minmax"),
-                space.uniform("quantize-dynamic"),
-                space.uniform("prune-magnitude", sparsity=0.5),
-            )
-        ]
+        initial = [space.encode(p) for p in seed_policies(space)]  # see search/seeds.py
         cls = get_strategy(strategy)
         strat = cls(space, keys, seed=seed, initial=initial, **(strategy_options or {}))
         if record.strategy_state:
@@ -396,9 +391,11 @@ class _Loop:
         s_budget: float | None,
         started: float,
     ) -> None:
-        task = EvalTask(self.config)
         with _Progress(self, n_budget, s_budget, started) as bar:
             while True:
+                # the node timings workers took so far travel with the batch's tasks
+                shared = tuple(list(self.new_latency.items())[-_SHARED_LATENCY:])
+                task = EvalTask(self.config, latency=shared)
                 elapsed = time.perf_counter() - started
                 left = None if n_budget is None else n_budget - self.asked
                 if (left is not None and left <= 0) or (
