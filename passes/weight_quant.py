@@ -66,6 +66,16 @@ class QuantizeWeightsOptions(LayerPassOptions):
     calib_samples: int = option(
         64, "GPTQ: calibration samples used to estimate H.", IntRange(8, 256, log=True), ge=1
     )
+    accuracy_level: Literal[0, 1, 4] = option(
+        0,
+        "MatMulNBits compute type on onnxruntime's CPU: 0 (unset) and 1 (fp32) dequantize the "
+        "weight blocks and multiply in fp32; 4 (int8) also quantizes the input per block of "
+        "group_size along K (symmetric, scale max|a|/127, round to nearest) and multiplies "
+        "int8 x int-b codes in integers (VNNI where the CPU has it): 1.5-2.5x faster at "
+        "small M (MiniLM, 41 tokens), at the cost of the input's rounding error. Other forms "
+        "ignore it.",
+        Choice([0, 1, 4]),
+    )
     format: Literal["auto", "codebook"] = option(
         "auto",
         "auto: MatMul -> com.microsoft MatMulNBits (ORT's int-b kernel), int4 embedding "
@@ -84,6 +94,9 @@ class QuantizeWeights(GSPass):
     - MatMul with a constant 2-D ``[K, N]`` weight and float32 input -> ``MatMulNBits``
       (bits 2/4/8; binary and ternary as 2-bit codes {1, 3} / {1, 2, 3} with the kernel's
       default zero point 2): ORT runs it natively, packed weights stay packed in memory.
+      ``accuracy_level: 4`` has ORT quantize the input to int8 per block and multiply in
+      integers: on MiniLM (M = 41 tokens) 1.5x (int4) to 2.5x (int8) faster than level 0,
+      which dequantizes the weight blocks and runs fp32 math.
     - Gemm (weight as B), Conv, embeddings (Gather tables, groups along each row), and MatMul
       under ``format: codebook`` -> the weight input is
       rebuilt at run time from packed codes by a default-domain decode subgraph (``Cast``,
@@ -140,14 +153,17 @@ class QuantizeWeights(GSPass):
                 self.skip(layer.node, "the packed form would not be smaller than the weight")
                 continue
             if use_nbits:
-                _to_matmulnbits(model, layer, codes, scale, zero, grid, opts.group_size)
+                _to_matmulnbits(
+                    model, layer, codes, scale, zero, grid, opts.group_size, opts.accuracy_level
+                )
             elif use_gbq:
                 _to_gather_block(model, layer, codes, scale, zero, grid, opts.group_size)
             else:
                 _to_codebook(layer, codes, scale, zero, grid, transposed)
             method = "gptq" if layer.id in hessians and opts.method == "gptq" else "rtn"
             form = "MatMulNBits" if use_nbits else "GatherBlockQuantized" if use_gbq else "codebook"
-            summary[layer.id] = f"{form} {_label(opts)} g{opts.group_size} {method}"
+            level = f" acc{opts.accuracy_level}" if use_nbits and opts.accuracy_level else ""
+            summary[layer.id] = f"{form} {_label(opts)} g{opts.group_size} {method}{level}"
             modified = True
         self.note("quantized", summary)
         return PassResult(model, modified)
@@ -282,6 +298,7 @@ def _to_matmulnbits(
     zero: np.ndarray,
     grid: Grid,
     group: int,
+    accuracy_level: int = 0,
 ) -> None:
     k, n = layer.weight.shape
     packed, scales, zero_points = matmulnbits_tensors(codes, scale, zero, grid)
@@ -289,6 +306,8 @@ def _to_matmulnbits(
     if zero_points is not None:
         arrays.append((f"_zero_points{grid.bits}", zero_points))
     attributes = {"K": int(k), "N": int(n), "bits": grid.bits, "block_size": group}
+    if accuracy_level:  # 0 is the kernel's default: leave the attribute out
+        attributes["accuracy_level"] = int(accuracy_level)
     _replace_with_contrib_op(model, layer, "MatMulNBits", arrays, attributes, at=0)
 
 

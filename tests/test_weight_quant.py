@@ -551,3 +551,46 @@ def test_int4_embedding_tables_stay_packed_with_gather_block_quantized(symmetric
     assert np.all(np.abs(outputs["auto"] - table[ids]) <= bound + 1e-6)
     np.testing.assert_allclose(outputs["auto"], outputs["codebook"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(decoded[ids], outputs["auto"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (2, False)])
+def test_matmulnbits_accuracy_level_4_quantizes_the_input_per_block(
+    tmp_path: Path, bits: int, symmetric: bool
+) -> None:
+    """Level 4: ORT rounds each block of ``group`` inputs along K to int8 with scale
+    max|a|/127 and multiplies in integers; the numpy reference does the same to x, then
+    multiplies by the dequantized weight read back from the file. Levels 0 and 1: fp32 x."""
+    k, n, group = 128, 24, 32
+    x = RNG.standard_normal((2, 5, k)).astype(np.float32)
+    outputs = {}
+    for level in (0, 1, 4):
+        model, record = run_quant(
+            matmul_model(k, n),
+            {"bits": bits, "symmetric": symmetric, "group_size": group, "accuracy_level": level},
+        )
+        assert record.modified
+        path = saved(model, tmp_path, f"q{level}.onnx")
+        (node,) = [nd for nd in onnx.load(str(path)).graph.node if nd.op_type == "MatMulNBits"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("accuracy_level", 0) == level
+        outputs[level] = session(path).run(None, {"x": x})[0]
+    inits = init_map(path)
+    blocks = k // group
+    codes = unpack(inits[node.input[1]], bits).reshape(n, blocks, group)
+    scales = inits[node.input[2]].reshape(n, blocks)
+    if len(node.input) > 3 and node.input[3]:
+        zero = unpack(inits[node.input[3]].reshape(n, -1), bits)[:, :blocks]
+    else:
+        zero = np.full((n, blocks), 1 << (bits - 1))
+    w_hat = ((codes - zero[..., None]) * scales[..., None]).reshape(n, k).T.astype(np.float32)
+    xb = x.reshape(2, 5, blocks, group)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    x_int8 = (np.rint(xb * (127 / amax)) * (amax / 127)).reshape(x.shape)
+    fp32, int8 = np.maximum(x @ w_hat, 0), np.maximum(x_int8 @ w_hat, 0)
+    tol = 1e-5 * np.abs(fp32).max()
+    np.testing.assert_allclose(outputs[0], fp32, atol=tol, rtol=0)
+    np.testing.assert_allclose(outputs[1], fp32, atol=tol, rtol=0)
+    np.testing.assert_allclose(outputs[4], int8, atol=tol, rtol=0)
+    # the int8 input really changes the result (by about its rounding error, no more)
+    gap = np.abs(outputs[4] - fp32).max()
+    assert 50 * tol < gap < 0.02 * np.abs(fp32).max()
