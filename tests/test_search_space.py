@@ -22,6 +22,7 @@ from graphsurgeon.layers import find_layers
 from graphsurgeon.options import Choice, IntRange, search_spaces
 from graphsurgeon.registry import get_pass
 from graphsurgeon.search import Decision, Policy, SearchSpace
+from graphsurgeon.search.seeds import seed_policies
 from graphsurgeon.search.space import resolve_methods
 
 RNG = np.random.default_rng(3)
@@ -190,3 +191,64 @@ def test_distillation_targets_are_a_flag_gene(digits_space):
     assert flagged
     last = policy.to_pipeline()["steps"][-1]
     assert last == {"name": "distill", "options": {"feature_layers": flagged}}
+
+
+# -- seeds ------------------------------------------------------------------------------------
+def test_seeds_are_valid_policies_that_run(digits, digits_space):
+    """Every seed round-trips through the encoding, and its pipeline runs in onnxruntime with
+    outputs close to the original's (the seeds are mild settings, not random ones)."""
+    model, plain = digits_space
+    slots = plain.slots
+    sensitivity = {slots[1].layers[0]: 0.3, slots[3].layers[0]: 0.2, slots[0].layers[0]: 0.01}
+    space = SearchSpace.build(model, sensitivity=sensitivity, prelude=["cleanup"])
+    seeds = seed_policies(space)
+    assert len({p.key() for p in seeds}) == len(seeds) and all(p.active for p in seeds)
+    for p in seeds:
+        assert space.decode(space.encode(p)) == p
+    methods = [{d.method for d in p.active} for p in seeds]
+    offered = {m.name for s in space.slots for m in s.methods} - {"none", "remove"}
+    assert offered - {"factorize-lowrank"} <= set().union(*methods)  # a uniform seed each
+    assert methods[0] == {"quantize-int8"}  # the most promising first
+    # all but the k most sensitive: int8 (mse) everywhere except slots[1], then slots[1], [3]
+    mixed = seeds[-3:]  # after the uniform ones
+    assert all(d.options == {"calibration": "mse"} for p in mixed for d in p.active)
+    kept = [{d.slot for d in p.decisions if d.method == "none"} for p in mixed]
+    assert kept[:2] == [{slots[1].id}, {slots[1].id, slots[3].id}]
+    assert len(kept[2]) == 4 and kept[2] > kept[1]  # k = 1, 2, 4
+    x = np.load(digits["test"])["input"][:64]
+    want = run(make_session(model), {"input": x})["logits"]
+    calib = gs.data.load_npz(digits["train"], model)
+    for p in seeds:
+        got = gs.run_pipeline(gs.load(digits["model"]), p.to_pipeline(), calib=calib).model
+        logits = run(make_session(got), {"input": x})["logits"]
+        cos = (logits * want).sum() / (np.linalg.norm(logits) * np.linalg.norm(want))
+        quantized = all(d.method.startswith("quantize") for d in p.active)
+        assert cos > (0.98 if quantized else 0.6), p.summary()  # pruning: not fine-tuned
+
+
+def test_seeds_without_sensitivity_are_uniform_only(digits_space):
+    _, space = digits_space
+    seeds = seed_policies(space)
+    for p in seeds:
+        methods = {d.method for d in p.decisions if d.slot in {s.id for s in space.slots}}
+        active = {d.method for d in p.active}
+        assert len(active) == 1
+        # uniform: every slot that allows the method uses it
+        (method,) = active
+        allows = [method in [m.name for m in s.methods] for s in space.slots]
+        assert [d.method == method for d in p.decisions] == allows, methods
+
+
+def test_fixed_options_reach_the_pass(tmp_path):
+    """quantize-weights decisions carry accuracy_level 4 (no gene): MatMulNBits gets it."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_residual_mlp(), path)
+    space = SearchSpace.build(gs.load(path), methods="quantize-weights")
+    dims = [len(sp) for s in space.slots for sp in s.spaces]
+    assert dims == [0, 2] * len(space.slots)  # bits, group_size: accuracy_level is fixed
+    policy = space.uniform("quantize-weights", bits=4, group_size=32)
+    assert space.decode(space.encode(policy)) == policy
+    assert all(d.options["accuracy_level"] == 4 for d in policy.active)
+    model = gs.run_pipeline(gs.load(path), policy.to_pipeline()).model
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert nbits and all(n.attributes["accuracy_level"].value == 4 for n in nbits)

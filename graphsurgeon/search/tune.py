@@ -406,8 +406,9 @@ class _Loop:
                 xs = strategy.ask(n)
                 policies = [self.space.decode(x) for x in xs]
                 keys = [p.key() for p in policies]
-                todo: dict[str, tuple[Policy, np.ndarray]] = {}
-                for x, p, k in zip(xs, policies, keys, strict=True):
+                lineage = self.parent_ids(strategy, xs)
+                todo: dict[str, tuple[Policy, np.ndarray, list[int]]] = {}
+                for x, p, k, parents in zip(xs, policies, keys, lineage, strict=True):
                     if k in self.rows or k in todo:
                         continue
                     hit = self.db.cached(self.study.context_hash, k, self.study.profile_key)
@@ -418,10 +419,11 @@ class _Loop:
                             result_of(hit),
                             vector=x.tolist(),
                             cached=True,
+                            parents=parents,
                             generation=getattr(strategy, "generation", 0),
                         )
                         continue
-                    todo[k] = (p, x)
+                    todo[k] = (p, x, parents)
                 order = list(todo)
                 items = [todo[k][0].to_dict() for k in order]
                 for i, result in ex.map_unordered(task, items):
@@ -437,6 +439,7 @@ class _Loop:
                         items[i],
                         result,
                         vector=todo[k][1].tolist(),
+                        parents=todo[k][2],
                         generation=getattr(strategy, "generation", 0),
                     )
                     self.evaluated += 1
@@ -445,6 +448,23 @@ class _Loop:
                 strategy.tell(xs, [self.score(self.rows[k]) for k in keys])
                 self.db.save_state(self.study, strategy.state_dict())
                 bar.update(force=True)
+
+    def parent_ids(self, strategy: Strategy, xs: list[np.ndarray]) -> list[list[int]]:
+        """Database ids of the policies each vector was bred from (``strategy.last_parents``;
+        a parent vector is found by its policy's key, so any vector decoding to an evaluated
+        policy names that policy's row)."""
+        found = getattr(strategy, "last_parents", None) or []
+        if len(found) != len(xs):
+            return [[] for _ in xs]
+        out = []
+        for vectors in found:
+            ids: list[int] = []
+            for v in vectors:
+                row = self.rows.get(self.space.decode(np.asarray(v)).key())
+                if row is not None and row.id not in ids:
+                    ids.append(row.id)
+            out.append(ids)
+        return out
 
     def points(self, rows: Sequence[PolicyRow]) -> list[_Point]:
         out = []
