@@ -9,7 +9,8 @@ fn = load(build.lib_path, build.meta_path)  # fn({"input": x}) -> {"logits": y}
 
 Steps: :mod:`.importer` (static shapes, folded shape subgraphs, Relax import with our
 ``MatMulNBits`` converter from :mod:`.lowbit`), :mod:`.build` (target from the profile,
-:mod:`.schedules` for the CPU, ``export_library``), :mod:`.tune` (per-kernel search with an
+:mod:`.schedules` for the CPU, ``export_library``), :mod:`.sparse` (block-sparse layers as BSR
+kernels), :mod:`.tune` (per-kernel search with an
 on-disk database per profile), :mod:`.runtime` (Relax VM).
 """
 
@@ -51,6 +52,7 @@ def compile_model(
     threads: int | None = None,
     database: str | os.PathLike | None = None,
     mcpu: str | None = None,
+    block_sparse: bool = True,
 ):
     """Compile ``model`` for ``profile`` into ``out_dir/model.so`` + ``model.json``.
 
@@ -59,10 +61,13 @@ def compile_model(
     database (``database``, default ``~/.cache/graphsurgeon/tvm/<profile>.json``); records
     already there are used either way. ``threads`` defaults to the profile's thread count;
     ``mcpu`` overrides the LLVM CPU the profile implies (``"host"``: this machine's).
+    ``block_sparse``: MatMul/Gemm layers whose weight is block-sparse (``prune-blocks``, at
+    least :data:`.sparse.MIN_BLOCK_SPARSITY` of the blocks zero) run a BSR kernel that skips the
+    zero blocks (CPU); the layers lowered are listed in ``model.json`` (``block_sparse``).
     """
     _require_tvm()
     from graphsurgeon.kernels.tvm import build as _build
-    from graphsurgeon.kernels.tvm import importer, tune
+    from graphsurgeon.kernels.tvm import importer, sparse, tune
 
     if target not in ("cpu", "cuda"):
         raise GraphSurgeonError(f"target must be 'cpu' or 'cuda', not {target!r}")
@@ -71,6 +76,9 @@ def compile_model(
     start = time.perf_counter()
     where = None if isinstance(model, ir.Model) else os.fspath(model)
     prepared = importer.prepare(model, shapes)
+    lowered = []
+    if block_sparse and target == "cpu":
+        lowered = sparse.lower_block_sparse(prepared)
     relax_mod = importer.to_relax(prepared, where=where)
     threads = int(threads or profile.threads())
     if target == "cuda":
@@ -98,6 +106,7 @@ def compile_model(
             threads=threads,
             choose=db.chooser(tvm_target),
             tuned=summary,
+            block_sparse=lowered,
         )
     return _build.TvmBuild(
         result.lib_path, result.meta_path, time.perf_counter() - start, result.target

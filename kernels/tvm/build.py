@@ -144,6 +144,7 @@ def build(
     threads: int,
     choose=None,
     tuned: dict | None = None,
+    block_sparse: list | None = None,
 ) -> TvmBuild:
     """Compile ``relax_mod`` (imported from ``model``) and write ``model.so`` + ``model.json``."""
     import tvm
@@ -182,6 +183,7 @@ def build(
         "outputs": [_describe(v) for v in model.graph.outputs],
         "compile_seconds": round(seconds, 3),
         "tuned": tuned or {},
+        "block_sparse": block_sparse or [],
     }
     meta_path = out_dir / "model.json"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -8,7 +8,8 @@ folded once more with ``ConstantOfShape`` allowed (onnxscript keeps it by defaul
 files small; for a compiler the materialized constant is what we want).
 
 Ops the importer lacks get converters here (see :mod:`.lowbit`): ``com.microsoft::MatMulNBits``
-becomes one TIR kernel that dequantizes inside the matmul's reduction. Import failures name
+becomes one TIR kernel that dequantizes inside the matmul's reduction; our
+``graphsurgeon.tvm::BlockSparseMatMul`` (block-sparse layers, see :mod:`.sparse`) a BSR kernel. Import failures name
 the op and node.
 """
 
@@ -114,9 +115,10 @@ def _extra_converters() -> Iterator[None]:
     registration hook, so both are swapped in for the duration of one import (under a lock).
     """
     from graphsurgeon.kernels.tvm.lowbit import MatMulNBits
+    from graphsurgeon.kernels.tvm.sparse import BlockSparseMatMul
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
-    extra = {"MatMulNBits": MatMulNBits}
+    extra = {"MatMulNBits": MatMulNBits, "BlockSparseMatMul": BlockSparseMatMul}
     original_map = fe._get_convert_map
     original_importer = fe.ONNXGraphImporter
 

@@ -79,6 +79,8 @@ def _divisor_at_most(extent: int, limit: int) -> int:
 
 def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Schedule | None:
     """A schedule for one fused kernel, or None when no rule applies."""
+    if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+        return None  # written scheduled (the BSR kernels of :mod:`.sparse`)
     sch = s_tir.Schedule(func)
     col = _im2col(sch)
     infos = normalize_prim_func(sch)
