@@ -43,8 +43,11 @@ OP = "BlockSparseMatMul"
 #: kernel's regular loads and full SIMD use beat skipping blocks (an index load per block).
 MIN_BLOCK_SPARSITY = 0.7
 #: Block shapes (rows of ``Wt``, i.e. output columns; columns of ``Wt``, i.e. inputs) tried on
-#: a weight without mask metadata, the largest first.
+#: a weight without mask metadata; the one with the least work (kept multiply-adds plus
+#: ``BLOCK_OVERHEAD`` per kept block, in multiply-adds) wins: 1x4 blocks 90% zero beat 1x8
+#: blocks 81% zero.
 CANDIDATE_BLOCKS = ((16, 1), (1, 16), (8, 1), (1, 8), (4, 4), (4, 1), (1, 4), (2, 2))
+BLOCK_OVERHEAD = 4
 _MASK_KEY = "graphsurgeon.sparsity"  # graphsurgeon.passes.pruning.MASK_KEY
 
 
@@ -114,12 +117,16 @@ def _sparse_weight(node: ir.Node, min_sparsity: float):
             return None
     else:
         source = "detected"
+        best = math.inf
         for candidate in CANDIDATE_BLOCKS:
             if wt.shape[0] % candidate[0] or wt.shape[1] % candidate[1]:
                 continue
-            if _zero_block_fraction(wt, candidate) >= min_sparsity:
-                block = candidate
-                break
+            zero = _zero_block_fraction(wt, candidate)
+            area = candidate[0] * candidate[1]
+            # work per weight: the kept blocks' multiply-adds plus each block's index load
+            cost = (1 - zero) * (area + BLOCK_OVERHEAD) / area
+            if zero >= min_sparsity and cost < best:
+                block, best = candidate, cost
         if block is None:
             return None
     return np.ascontiguousarray(wt, dtype=np.float32), bias, block, source
