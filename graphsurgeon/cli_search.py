@@ -286,6 +286,46 @@ def _row(db: Any, policy_id: int) -> Any:
     return row
 
 
+def lineage(db: Any, row: Any, depth: int = 3) -> list[dict[str, Any]]:
+    """The ancestors of ``row`` up to ``depth`` generations back, nearest first: each with
+    how it was made (``crossover`` of two parents or ``mutation`` of one; ``sampled`` when the
+    strategy bred it from no single policy), its generation, parents and objectives."""
+    out: list[dict[str, Any]] = []
+    seen = {row.id}
+    frontier = list(row.parents or [])
+    for level in range(1, depth + 1):
+        nxt: list[int] = []
+        for pid in frontier:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            parent = db.get(pid)
+            if parent is None:
+                continue
+            values = parent.values()
+            out.append(
+                {
+                    "id": parent.id,
+                    "up": level,
+                    "made_by": _made_by(parent.parents),
+                    "generation": parent.generation,
+                    "parents": parent.parents,
+                    "objectives": {k: values[k] for k in _OBJECTIVES if k in values},
+                    "policy": _summary(parent.policy),
+                }
+            )
+            nxt.extend(parent.parents or [])
+        frontier = nxt
+    return out
+
+
+_OBJECTIVES = ("accuracy_drop", "latency_ms", "size_bytes", "energy_mj", "robustness_drop")
+
+
+def _made_by(parents: list[int] | None) -> str:
+    return {0: "sampled", 1: "mutation"}.get(len(parents or []), "crossover")
+
+
 def cmd_policies_show(args: argparse.Namespace) -> int:
     db = _open(args)
     row = _row(db, args.id)
@@ -296,7 +336,9 @@ def cmd_policies_show(args: argparse.Namespace) -> int:
         "status": row.status,
         "pareto": row.pareto,
         "generation": row.generation,
+        "made_by": _made_by(row.parents) if row.stage == "search" else row.stage,
         "parents": row.parents,
+        "lineage": lineage(db, row, depth=args.depth),
         "cached": row.cached,
         "eval_s": row.eval_s,
         "error": row.error,
@@ -455,6 +497,9 @@ def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None: 
     q = psub.add_parser("show", help="one policy: decisions, metrics, lineage, error")
     storage(q)
     q.add_argument("id", type=int)
+    q.add_argument(
+        "--depth", type=int, default=3, help="generations of ancestors to list (3; 0: none)"
+    )
     q.set_defaults(func=cmd_policies_show)
 
     q = psub.add_parser(

@@ -140,3 +140,24 @@ def test_hypervolume_and_crowding():
     assert hypervolume(f3, np.ones(3)) == pytest.approx(covered, abs=0.01)
     d = crowding_distance(np.array([[0.0, 1.0], [0.5, 0.5], [0.6, 0.4], [1.0, 0.0]]))
     assert np.isinf(d[[0, 3]]).all() and d[1] > d[2]
+
+
+def test_ga_children_name_their_parents():
+    space = toy_space()
+    ga = get_strategy("ga")(
+        space, ["a", "b"], seed=0, pop_size=12, immigrant_rate=0.0, crossover_rate=0.5
+    )
+    xs = ga.ask(12)
+    assert ga.last_parents == [()] * 12  # the first generation is sampled
+    ga.tell(xs, [zdt1(x) for x in xs])
+    evaluated = {x.tobytes() for x in xs}
+    children = ga.ask(24)
+    sizes = {len(p) for p in ga.last_parents}
+    assert len(ga.last_parents) == 24 and sizes == {1, 2}  # crossovers and mutations
+    for child, parents in zip(children, ga.last_parents, strict=True):
+        assert all(p.tobytes() in evaluated for p in parents)
+        # every slot block comes from a parent, except the few genes mutation touched
+        off = [min(int(np.sum(child[a:b] != p[a:b])) for p in parents) for a, b in space.slot_dims]
+        assert sum(off) <= 6, off
+        if len(parents) == 2:  # a crossover takes blocks from both
+            assert not np.array_equal(parents[0], parents[1])

@@ -187,3 +187,45 @@ def test_fgsm_robustness_is_harder_than_noise_of_the_same_size(digits):
 
     fgsm, gaussian = drop("fgsm"), drop("gaussian")
     assert fgsm > gaussian + 0.05 and fgsm > 0.1
+
+
+def test_ga_lineage_is_recorded_and_shown(digits, tmp_path, capsys):
+    out = tmp_path / "g"
+    tune(
+        digits["model"], profile="x86-avx512-vnni", calib=digits["train"],
+        eval_data=digits["test"], methods=FAST, budget=12, out_dir=out, measure_front=0,
+        strategy_options={"pop_size": 4, "crossover_rate": 0.6, "immigrant_rate": 0.0},
+        progress=False, write_outputs=False, seed=2,
+    )  # fmt: skip
+    db = sqlite3.connect(out / "search.db")
+    rows = db.execute(
+        "select id, parents, generation, vector from policies where stage='search' order by id"
+    ).fetchall()
+    by_id = {i: (json.loads(p), g, json.loads(v)) for i, p, g, v in rows}
+    bred = {i: r for i, r in by_id.items() if r[0]}
+    assert bred and {len(r[0]) for r in bred.values()} == {1, 2}  # mutations and crossovers
+    for child, (parents, generation, vector) in bred.items():
+        assert generation >= 1
+        for parent in parents:  # an earlier policy of this search
+            assert parent < child and parent in by_id and by_id[parent][1] < generation
+        # the child's genes are its parents' but for a few mutated ones
+        genes = np.array(vector)
+        near = np.min([np.sum(~np.isclose(genes, by_id[p][2])) for p in parents])
+        assert near < len(genes)
+    child = max(bred, key=lambda i: (by_id[i][1], i))
+    capsys.readouterr()
+    assert main(["policies", "show", str(child), "--storage", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["parents"] == by_id[child][0]
+    assert shown["made_by"] == ("crossover" if len(by_id[child][0]) == 2 else "mutation")
+    first = [a for a in shown["lineage"] if a["up"] == 1]
+    assert sorted(a["id"] for a in first) == sorted(by_id[child][0])
+    assert all("accuracy_drop" in a["objectives"] and a["policy"] for a in first)
+    # random search breeds nothing: its policies have no parents
+    tune(
+        digits["model"], profile="x86-avx512-vnni", calib=digits["train"],
+        eval_data=digits["test"], methods=FAST, budget=3, out_dir=tmp_path / "r",
+        strategy="random", measure_front=0, progress=False, write_outputs=False,
+    )  # fmt: skip
+    db = sqlite3.connect(tmp_path / "r" / "search.db")
+    assert {p for (p,) in db.execute("select parents from policies")} == {"[]"}

@@ -44,6 +44,11 @@ class Strategy(ABC):
         self.seed = seed
         self.hyper = hyper
         self.rng = np.random.default_rng(seed)
+        #: Lineage of the vectors the last :meth:`ask` returned, in order: the evaluated
+        #: vectors each was bred from (GA: both parents of a crossover, the one parent of a
+        #: mutation). Empty, or an empty tuple per vector, where no single policy is a parent
+        #: (random samples, TPE, the PPO controller's draws).
+        self.last_parents: list[tuple[np.ndarray, ...]] = []
 
     #: Options accepted besides the searchable hyperparameters (e.g. initial policies).
     extra_options: ClassVar[tuple[str, ...]] = ("initial",)

@@ -79,15 +79,18 @@ class NSGA2(Strategy):
     def ask(self, n: int) -> list[np.ndarray]:
         out = self.pending[:n]
         self.pending = self.pending[n:]
+        parents: list[tuple[np.ndarray, ...]] = [() for _ in out]
         while len(out) < n:
             if not self.population:
                 out.append(
                     self._immigrant() if self.generation else self.rng.random(self.space.dim)
                 )
+                parents.append(())
                 continue
             r = self.rng.random()
             if r < self.immigrant_rate:
                 out.append(self._immigrant())
+                parents.append(())
                 continue
             a = self._tournament()
             b = (
@@ -95,7 +98,10 @@ class NSGA2(Strategy):
                 if self.archive and r < self.immigrant_rate + self.inject_rate
                 else self._tournament()
             )
-            out.append(self._mutate(self._crossover(a, b)))
+            child, crossed = self._crossover(a, b)
+            out.append(self._mutate(child))
+            parents.append((a, b) if crossed else (a,))
+        self.last_parents = parents
         return out
 
     def _sparse(self) -> np.ndarray:
@@ -146,13 +152,16 @@ class NSGA2(Strategy):
 
     _rank_cache: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _crossover(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The child, and whether it took any slot from ``b`` (a crossover, two parents)."""
         child = a.copy()
+        crossed = False
         if self.rng.random() < self.crossover_rate:
             for start, stop in self.space.slot_dims:
                 if self.rng.random() < 0.5:
                     child[start:stop] = b[start:stop]
-        return child
+                    crossed = True
+        return child, crossed and not np.array_equal(a, b)
 
     def _mutate(self, x: np.ndarray) -> np.ndarray:
         x = x.copy()
