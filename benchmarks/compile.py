@@ -1,6 +1,6 @@
 """TVM-compiled models against onnxruntime on the CPU, same thread count, side by side.
 
-For the digits CNN (batch 1, [1, 1, 8, 8]), MiniLM-L6 (batch 1 x 35 tokens: the real
+For the digits CNN (batch 1, [1, 1, 8, 8], and batch 64), MiniLM-L6 (batch 1 x 35 tokens: the real
 tokenized sentences, cut to 35) and MiniLM-L6 after ``quantize-weights`` int4 (ORT runs its
 ``MatMulNBits`` kernel, TVM our fused dequantize-matmul), it:
 
@@ -14,8 +14,13 @@ tokenized sentences, cut to 35) and MiniLM-L6 after ``quantize-weights`` int4 (O
    the per-round latency ratios (TVM / ORT; < 1 is faster than ORT), so load from other jobs
    on a shared machine drifts out of the ratio.
 
-    python benchmarks/compile.py [--models digits,minilm,minilm-int4] [--threads 1]
-                                 [--tune-minutes 10]
+The ``sparse`` section times one block-sparse layer (``x @ W``, ``W`` 512x2048 after
+``prune-blocks`` at 90%, blocks 1x4 / 4x4 / 16x1, batch 1 and 16) three ways side by side:
+onnxruntime and a dense TVM build on the pruned weight (zeros included), and the TVM build
+whose BSR kernel skips the zero blocks (:mod:`graphsurgeon.kernels.tvm.sparse`).
+
+    python benchmarks/compile.py [--models digits,digits-b64,minilm,minilm-int4] [--threads 1]
+                                 [--tune-minutes 10] [--sections models,sparse] [--merge]
                                  [--rounds 15] [--json benchmarks/results/compile-cpu.json]
 """
 
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from graphsurgeon.kernels.tvm import compile_model, load
 
@@ -67,6 +73,12 @@ def cases() -> dict[str, dict]:
             "model": MODELS / "digits_cnn.onnx",
             "shapes": {"input": [1, 1, 8, 8]},
             "feeds": [{"input": digits["input"][i : i + 1]} for i in range(16)],
+        },
+        # the same CNN at batch 64: the kernels' work, not the per-call overhead, dominates
+        "digits-b64": {
+            "model": MODELS / "digits_cnn.onnx",
+            "shapes": {"input": [64, 1, 8, 8]},
+            "feeds": [{"input": digits["input"][i * 64 : (i + 1) * 64]} for i in range(4)],
         },
         "minilm": {
             "model": MODELS / "minilm_l6.onnx",
@@ -133,9 +145,89 @@ def bench(runners: dict, feeds, rounds: int, target_s: float = 0.2) -> dict:
     return result
 
 
+def sparse_model(k: int, n: int, block: str, sparsity: float) -> ir.Model:
+    """``y = x @ W`` with ``W [k, n]`` Gaussian, then ``prune-blocks`` at ``sparsity``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "bsr",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    spec = [{"name": "prune-blocks", "options": {"sparsity": sparsity, "block": block}}]
+    return run_pipeline(ir.from_proto(proto), spec, verify="off").model
+
+
+def bench_sparse(args, profile, work: Path) -> dict:
+    """ORT (the pruned model, dense zeros), TVM dense and TVM BSR on one block-sparse MatMul.
+
+    Both TVM builds are untuned (hand schedules, default knobs): the BSR kernels have no knobs.
+    """
+    k, n = (int(v) for v in args.sparse_shape.split("x"))
+    rows = []
+    for block in args.sparse_blocks.split(","):
+        model = sparse_model(k, n, block, args.sparse_sparsity)
+        path = work / f"sparse-{block}.onnx"
+        gs.save(model, path)
+        session = ort_session(path, args.threads)
+        for batch in (int(b) for b in args.sparse_batches.split(",")):
+            rng = np.random.default_rng(batch)
+            feeds = [{"x": rng.standard_normal((batch, k)).astype(np.float32)} for _ in range(8)]
+            runners = {"ort": lambda f, s=session: s.run(None, f)}
+            row: dict = {"block": block, "batch": batch}
+            for label, lower in (("tvm_dense", False), ("tvm_bsr", True)):
+                build = compile_model(
+                    path,
+                    profile,
+                    work / f"sparse-{block}-{batch}-{label}",
+                    shapes={"x": [batch, k]},
+                    threads=args.threads,
+                    mcpu=args.mcpu,
+                    block_sparse=lower,
+                    database=work / "sparse-untuned.json",
+                )
+                meta = json.loads(build.meta_path.read_text())
+                fn = load(build.lib_path, build.meta_path, threads=args.threads)
+                runners[label] = fn
+                row[f"{label}_accuracy"] = accuracy(fn, session, feeds[:4])
+                if lower:
+                    row["lowered"] = meta["block_sparse"]
+            row.update(bench(runners, feeds, args.rounds))
+            row["tvm_bsr_over_tvm_dense"] = row["tvm_bsr_ms"] / row["tvm_dense_ms"]
+            rows.append(row)
+            print(
+                f"block {block:5s} batch {batch:3d} | ort {row['ort_ms'] * 1e3:8.1f} us | "
+                f"tvm dense {row['tvm_dense_ms'] * 1e3:8.1f} us | tvm bsr "
+                f"{row['tvm_bsr_ms'] * 1e3:8.1f} us ({row['tvm_bsr_over_ort']:.2f}x ORT, "
+                f"{row['tvm_bsr_over_tvm_dense']:.2f}x dense TVM) | max abs err "
+                f"{row['tvm_bsr_accuracy']['max_abs']:.1e}",
+                flush=True,
+            )
+    return {
+        "weight": [k, n],
+        "block_sparsity": args.sparse_sparsity,
+        "note": "prune-blocks on W [K, N]; block ROWSxCOLS of W; ORT and TVM dense run the "
+        "pruned weight with its zeros; ratios are medians of per-round ratios",
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits,minilm,minilm-int4")
+    parser.add_argument("--models", default="digits,digits-b64,minilm,minilm-int4")
+    parser.add_argument("--sections", default="models,sparse", help="models and/or sparse")
+    parser.add_argument("--sparse-shape", default="512x2048", help="weight KxN")
+    parser.add_argument("--sparse-blocks", default="1x4,4x4,16x1")
+    parser.add_argument("--sparse-batches", default="1,16")
+    parser.add_argument("--sparse-sparsity", type=float, default=0.9)
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the --json file's entries not re-measured"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune-minutes", type=float, default=10.0, help="total, <= 20")
     parser.add_argument("--rounds", type=int, default=15)
@@ -146,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.tune_minutes <= 20:
         parser.error("--tune-minutes must be within 0..20")
-    names = [m for m in args.models.split(",") if m]
+    sections = {x for x in args.sections.split(",") if x}
+    names = [m for m in args.models.split(",") if m] if "models" in sections else []
     profile = load_profile(args.profile)
     work = Path(tempfile.mkdtemp(prefix="gs-compile-bench-"))
     database = Path(args.database) if args.database else work / "tuning.json"
@@ -204,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             row[label]["accuracy"] = accuracy(fn, session, case["feeds"])
             runners[label] = fn
         row["latency"] = bench(runners, case["feeds"], args.rounds)
+        row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results["models"][name] = row
         lat = row["latency"]
         print(
@@ -214,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['tvm_tuned']['accuracy']['max_abs']:.1e}",
             flush=True,
         )
+    if "sparse" in sections:
+        results["block_sparse"] = bench_sparse(args, profile, work)
     out = Path(args.json)
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        results["models"] = {**old.get("models", {}), **results["models"]}
+        results.setdefault("block_sparse", old.get("block_sparse"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
