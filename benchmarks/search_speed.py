@@ -9,8 +9,8 @@ own database (no cached evaluations). Reported per strategy: policies per second
 search loop (``evaluations_per_s``: budget / search seconds, baselines and measuring
 excluded), the policies actually run, and the hypervolume, with the after/before ratio.
 
-    python benchmarks/search_speed.py [--base e0909c1] [--after HEAD] [--strategies random,ga,ppo,bo]
-        [--budget 100] [--workers 2] [--rounds 1]
+    python benchmarks/search_speed.py [--base e0909c1] [--after HEAD] [--apply C1,C2]
+        [--strategies random,ga,ppo,bo] [--budget 100] [--workers 2] [--rounds 1]
 
 Results go to benchmarks/results/search-speed-digits-cpu.json.
 """
@@ -106,6 +106,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="e0909c1", help="the 'before' git revision")
     ap.add_argument("--after", default="HEAD", help="the 'after' revision, or worktree")
+    ap.add_argument(
+        "--apply",
+        default="",
+        help="commits or patch files (comma-separated) applied on top of --after: measures "
+        "those changes alone (e.g. --after BASE --apply C1,fix.patch)",
+    )
     ap.add_argument("--strategies", default="random,ga,ppo,bo")
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
@@ -120,6 +126,19 @@ def main() -> None:
         tmp = Path(tmp_dir)
         base = snapshot(rev, tmp / "base")
         after = snapshot(after_rev, tmp / "after") if after_rev else None
+        for commit in filter(None, args.apply.split(",")):
+            if after is None:
+                raise SystemExit("--apply needs an --after revision")
+            diff = (
+                Path(commit).read_bytes()
+                if Path(commit).is_file()
+                else subprocess.run(
+                    ["git", "-C", str(ROOT), "diff", f"{commit}^", commit],
+                    check=True,
+                    capture_output=True,
+                ).stdout
+            )
+            subprocess.run(["git", "apply", "-"], cwd=after, input=diff, check=True)
         for r in range(args.rounds):
             for i, strategy in enumerate(args.strategies.split(",")):
                 order = [("before", base), ("after", after)]
@@ -151,7 +170,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "model": "digits_cnn (batch 64), profile x86-avx512-vnni, latency model",
         "base": rev,
-        "after": after_rev or "working tree",
+        "after": (after_rev or "working tree") + (f" + {args.apply}" if args.apply else ""),
         "budget": args.budget,
         "workers": args.workers,
         "rounds": args.rounds,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.options import FloatRange
 
 
 def _storage_url(text: str | None, default_dir: str | None = None) -> str:
@@ -44,8 +45,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         import yaml
 
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    search_lam = None
     if args.tune_search:
-        best = _tune_search(args, options)
+        best, search_lam = _tune_search(args, options)
         options.update(best)
     result = tune(
         args.model,
@@ -67,6 +69,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         max_latency=args.max_latency,
         max_size=args.max_size,
         lam=args.lam,
+        search_lam=search_lam,
         seed=args.seed,
         methods=args.methods,
         shapes=parse_shape_args(args.shape),
@@ -80,13 +83,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+#: The reward's lambda as ``--tune-search`` draws it (log-uniform around the default 1).
+LAMBDA_RANGE = FloatRange(0.05, 20.0, log=True)
+
+
+def _tune_search(
+    args: argparse.Namespace, options: dict[str, Any]
+) -> tuple[dict[str, Any], float | None]:
     """``--tune-search N``: N short searches (``--tune-search-evals`` policies each) with the
     strategy's hyperparameters drawn by an outer TPE study (``bo.tune_search``), scored by the
     hypervolume of their fronts; the best hyperparameters then run the real search. Options
-    given with ``--strategy-option`` stay fixed."""
+    given with ``--strategy-option`` stay fixed.
+
+    The reward's lambda is drawn too when the strategy steers by the reward (``ppo``, a
+    scalarized ``bo``): the best one becomes the search's lambda (what the strategy learns
+    from), while ``--lambda`` still makes the final pick from the front. NSGA-II and random
+    search never read the reward, so for them lambda is not a search knob and is not tuned.
+    Returns the best strategy options and the search's lambda (None: not tuned)."""
     from graphsurgeon.search.evaluate import EvalConfig, evaluator_for
     from graphsurgeon.search.space import SearchSpace
+    from graphsurgeon.search.strategies import get_strategy
     from graphsurgeon.search.strategies.bo import tune_search
     from graphsurgeon.search.tune import tune
     from graphsurgeon.shapes import parse_shape_args
@@ -107,8 +123,20 @@ def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str,
     work = Path(args.output) / "tune-search"
     url = args.storage or f"sqlite:///{work.resolve() / 'search.db'}"
     trials: list[float] = []
+    keys = list(evaluator_objectives(args.objectives))
+    cls = get_strategy(args.strategy)
+    probe = cls(space, keys, seed=args.seed, **options)
+    extra = {"lambda": LAMBDA_RANGE} if probe.reads_reward else {}
+    # ppo's own ``lam`` would make it scalarize by itself and ignore the tuned reward
+    names = [k for k in cls.hyperparameters if not (extra and k == "lam")]
+    if not extra:
+        print(
+            f"tune-search: lambda is not tuned: {args.strategy} does not steer by the reward "
+            "(--lambda only picks from the front)",
+            flush=True,
+        )
 
-    def objective(strategy: Any) -> float:
+    def objective(strategy: Any, knobs: dict[str, Any]) -> float:
         result = tune(
             args.model,
             profile=args.profile,
@@ -123,6 +151,7 @@ def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str,
             study=f"tune-search-{len(trials)}-seed{args.seed}",
             max_accuracy_drop=args.max_accuracy_drop,
             lam=args.lam,
+            search_lam=knobs.get("lambda"),
             seed=args.seed + len(trials),
             methods=args.methods,
             shapes=shapes,
@@ -132,7 +161,8 @@ def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str,
             write_outputs=False,
         )
         trials.append(result.hypervolume)
-        print(f"tune-search trial {len(trials)}: {strategy.hyper} -> hypervolume "
+        drawn = {**strategy.hyper, **knobs}
+        print(f"tune-search trial {len(trials)}: {drawn} -> hypervolume "
               f"{result.hypervolume:.4g}", flush=True)  # fmt: skip
         return result.hypervolume
 
@@ -141,13 +171,16 @@ def _tune_search(args: argparse.Namespace, options: dict[str, Any]) -> dict[str,
         space,
         objective,
         args.tune_search,
-        objectives=list(evaluator_objectives(args.objectives)),
+        objectives=keys,
         seed=args.seed,
         fixed=options,
+        tune=names,
+        extra=extra,
     )
     best = {k: v for k, v in found["best"].items() if k not in options}
     print(f"tune-search: best {best} (hypervolume {found['value']:.4g})", flush=True)
-    return best
+    search_lam = best.pop("lambda", None)
+    return best, search_lam
 
 
 def evaluator_objectives(objectives: str) -> list[str]:

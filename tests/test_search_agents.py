@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.options import Choice
+from graphsurgeon.options import Choice, FloatRange
 from graphsurgeon.search.pareto import hypervolume
 from graphsurgeon.search.space import METHODS, SearchSpace, Slot
 from graphsurgeon.search.strategies.base import get_strategy
@@ -228,7 +228,8 @@ def test_tune_search_picks_hyperparameters_from_the_declaration() -> None:
     space = toy_space(4)
     seen = []
 
-    def inner(strategy) -> float:  # a short inner search; its best reward is the objective
+    def inner(strategy, knobs) -> float:  # a short inner search; its best reward is the objective
+        assert knobs == {}
         seen.append(strategy.lam)
         hist = run(strategy, space, batches=3, n=6)
         return float(max(rewards(b).max() for b in hist))
@@ -338,3 +339,30 @@ def test_tune_on_the_digits_cnn_resumes(strategy: str, digits, tmp_path) -> None
     pareto = json.loads((out / "pareto.json").read_text())
     assert pareto["evaluations"] == 9 and pareto["front"]
     assert (out / "best.onnx").exists()
+
+
+def test_tune_search_draws_search_knobs_beside_the_strategy() -> None:
+    space = toy_space(4)
+    seen = []
+
+    def inner(strategy, knobs) -> float:  # the best lambda is the one nearest 2
+        seen.append(knobs["lambda"])
+        return -abs(np.log(knobs["lambda"] / 2.0))
+
+    out = tune_search(
+        "ppo", space, inner, 6, objectives=OBJECTIVES, tune=["lr"],
+        extra={"lambda": FloatRange(0.05, 20.0, log=True)},
+    )  # fmt: skip
+    assert len(set(seen)) == 6 and all(0.05 <= x <= 20.0 for x in seen)
+    assert out["best"]["lambda"] == min(seen, key=lambda x: abs(np.log(x / 2.0)))
+    assert all("lambda" in t["knobs"] for t in out["trials"])
+
+
+def test_which_strategies_steer_by_the_reward() -> None:
+    space = toy_space(4)
+    assert get_strategy("ppo")(space, OBJECTIVES).reads_reward
+    assert not get_strategy("ppo")(space, OBJECTIVES, lam=0.5).reads_reward  # its own lam
+    assert get_strategy("bo")(space, OBJECTIVES, scalarize=True).reads_reward
+    assert not get_strategy("bo")(space, OBJECTIVES).reads_reward
+    assert not get_strategy("ga")(space, OBJECTIVES).reads_reward
+    assert not get_strategy("random")(space, OBJECTIVES).reads_reward

@@ -160,6 +160,7 @@ def tune(
     max_latency: float | None = None,
     max_size: float | None = None,
     lam: float = 1.0,
+    search_lam: float | None = None,
     seed: int = 0,
     methods: Sequence[str] | str | None = None,
     shapes: dict[str, list[int]] | None = None,
@@ -177,7 +178,9 @@ def tune(
     """Search per-layer compression policies for ``model`` on ``profile``; see the module doc.
 
     ``budget``: evaluations (int or digits) or seconds (float, or ``"20m"``). ``lam`` weighs
-    the normalized costs against the accuracy drop in the reward (and the final pick).
+    the normalized costs against the accuracy drop in the reward (and the final pick);
+    ``search_lam``, when given, is the lambda of the reward the strategy learns from instead
+    (``--tune-search`` tunes it), while the final pick keeps ``lam``: the user's trade-off.
     """
     started = time.perf_counter()
     n_budget, s_budget = parse_budget(budget)
@@ -248,6 +251,7 @@ def tune(
                 "eval": {k: v for k, v in config.__dict__.items()},
                 "budget": str(budget),
                 "lambda": lam,
+                "search_lambda": lam if search_lam is None else search_lam,
                 "seed": seed,
                 "constraints": constraints.__dict__,
                 "methods": list(methods) if isinstance(methods, (list, tuple)) else methods,
@@ -262,6 +266,7 @@ def tune(
         keys=keys,
         constraints=constraints,
         lam=lam,
+        search_lam=search_lam,
         progress=progress,
     )
     ex = make_executor(executor, workers, ray_address)
@@ -306,9 +311,11 @@ class _Loop:
         constraints: Constraints,
         lam: float,
         progress: bool,
+        search_lam: float | None = None,
     ) -> None:
         self.db, self.study, self.space, self.config = db, study, space, config
         self.keys, self.constraints, self.lam = keys, constraints, lam
+        self.search_lam = lam if search_lam is None else search_lam
         self.show_progress = progress
         self.rows: dict[str, PolicyRow] = {r.key: r for r in db.rows(study, "search")}
         self.base_rows: dict[str, PolicyRow] = {
@@ -333,20 +340,22 @@ class _Loop:
         return {
             **objectives,
             "violation": violation,
-            "reward": self.reward(values) - 10.0 * violation,
+            "reward": self.reward(values, self.search_lam) - 10.0 * violation,
         }
 
-    def reward(self, values: dict[str, float]) -> float:
+    def reward(self, values: dict[str, float], lam: float | None = None) -> float:
         """``-(accuracy_drop + lambda * mean normalized cost)``; costs are relative to the
         original model, so lambda is unitless (lambda = 1: halving latency is worth 0.5 of
-        accuracy drop... scaled by how many costs are objectives)."""
+        accuracy drop... scaled by how many costs are objectives). ``lam``: the search's
+        lambda for the strategy's scores; the pick's (``--lambda``) by default."""
         costs = [
             values[k] / self.base_costs[k]
             for k in self.keys
             if k in COST_KEYS and self.base_costs.get(k)
         ]
         penalty = float(np.mean(costs)) if costs else 0.0
-        return -(values.get("accuracy_drop", 0.0) + self.lam * penalty)
+        lam = self.lam if lam is None else lam
+        return -(values.get("accuracy_drop", 0.0) + lam * penalty)
 
     # -- stages ---------------------------------------------------------------------------
     def _record(

@@ -50,6 +50,12 @@ class Strategy(ABC):
         #: (random samples, TPE, the PPO controller's draws).
         self.last_parents: list[tuple[np.ndarray, ...]] = []
 
+    @property
+    def reads_reward(self) -> bool:
+        """Whether the search steers by ``score["reward"]`` (so the reward's lambda changes
+        what it explores); Pareto and random strategies do not."""
+        return False
+
     #: Options accepted besides the searchable hyperparameters (e.g. initial policies).
     extra_options: ClassVar[tuple[str, ...]] = ("initial",)
 

@@ -208,6 +208,10 @@ class BOStrategy(Strategy):
             out.append(x)
         return out
 
+    @property
+    def reads_reward(self) -> bool:
+        return self.scalar  # a multi-objective study ranks the objectives themselves
+
     def _values(self, score: Score) -> list[float]:
         if self.scalar:
             if "reward" in score:
@@ -282,7 +286,7 @@ class BOStrategy(Strategy):
 def tune_search(
     strategy_name: str,
     space: SearchSpace,
-    objective_fn: Callable[[Strategy], float],
+    objective_fn: Callable[[Strategy, dict[str, Any]], float],
     budget: int,
     *,
     objectives: list[str],
@@ -290,13 +294,16 @@ def tune_search(
     fixed: dict[str, Any] | None = None,
     tune: list[str] | None = None,
     timeout: float | None = None,
+    extra: dict[str, FloatRange | IntRange | Choice] | None = None,
 ) -> dict[str, Any]:
     """Tune a strategy's own hyperparameters with an outer TPE study.
 
     Each of ``budget`` outer trials builds ``strategy_name`` with hyperparameters drawn from
     its ``hyperparameters`` declaration (``tune`` restricts which; ``fixed`` pins others) and
-    hands it to ``objective_fn``, which runs a short inner search and returns how good it
-    was (higher is better, e.g. the hypervolume of its front). An inner search that raises
+    hands it to ``objective_fn(strategy, knobs)``, which runs a short inner search and returns
+    how good it was (higher is better, e.g. the hypervolume of its front). ``extra`` declares
+    knobs of the search around the strategy (the reward's lambda): drawn by the same study,
+    passed as ``knobs``, and part of ``best``. An inner search that raises
     a :class:`GraphSurgeonError` is recorded as a failed trial. Returns the best
     hyperparameters, their value, and every trial.
     """
@@ -312,11 +319,13 @@ def tune_search(
         declared = {k: v for k, v in declared.items() if k in tune}
     fixed = dict(fixed or {})
     declared = {k: v for k, v in declared.items() if k not in fixed}
-    if not declared:
+    extra = {k: v for k, v in (extra or {}).items() if k not in fixed}
+    if not declared and not extra:
         raise GraphSurgeonError(f"--tune-search: strategy {strategy_name} has nothing to tune")
     if budget < 1:
         raise GraphSurgeonError(f"--tune-search: the budget must be at least 1 (got {budget})")
     dists = {k: distribution(v) for k, v in declared.items()}
+    knob_dists = {k: distribution(v) for k, v in extra.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
@@ -328,19 +337,22 @@ def tune_search(
     for i in range(budget):
         trial = study.ask()
         hyper = {k: _suggest(trial, k, d) for k, d in dists.items()}
+        knobs = {k: _suggest(trial, k, d) for k, d in knob_dists.items()}
         try:
             strategy = cls(space, objectives, seed=seed + i, **fixed, **hyper)
-            value = float(objective_fn(strategy))
+            value = float(objective_fn(strategy, knobs))
         except GraphSurgeonError as e:
             study.tell(trial, state=TrialState.FAIL)
-            rows.append({"hyper": hyper, "value": None, "error": str(e)})
+            rows.append({"hyper": hyper, "knobs": knobs, "value": None, "error": str(e)})
             continue
         if math.isfinite(value):
             study.tell(trial, value)
-            rows.append({"hyper": hyper, "value": value})
+            rows.append({"hyper": hyper, "knobs": knobs, "value": value})
         else:
             study.tell(trial, state=TrialState.FAIL)
-            rows.append({"hyper": hyper, "value": None, "error": "non-finite objective"})
+            rows.append(
+                {"hyper": hyper, "knobs": knobs, "value": None, "error": "non-finite objective"}
+            )
         if timeout is not None and time.perf_counter() - start > timeout:
             break
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -364,6 +364,10 @@ class PPOStrategy(Strategy):
         return out
 
     # -- rewards ----------------------------------------------------------------------
+    @property
+    def reads_reward(self) -> bool:
+        return self.lam is None  # else it scalarizes the objectives with its own lam
+
     def reward(self, x: np.ndarray, score: Score) -> float:
         """The scalar reward of one evaluated vector (module docstring: each term and why)."""
         if self.lam is None and "reward" in score:
