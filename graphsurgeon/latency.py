@@ -33,8 +33,16 @@ class LatencyStats:
 
 
 def session_for(
-    model: str | os.PathLike | bytes, *, threads: int = 2, optimize: bool = True
+    model: str | os.PathLike | bytes,
+    *,
+    threads: int = 2,
+    optimize: bool = True,
+    save_optimized: str | os.PathLike | None = None,
+    config: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads, sequential; ``save_optimized`` writes
+    the graph onnxruntime's optimizer produced (what the session runs) to that path;
+    ``config``: session config entries."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -42,6 +50,10 @@ def session_for(
     options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if save_optimized is not None:
+        options.optimized_model_filepath = os.fspath(save_optimized)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     source = model if isinstance(model, bytes) else os.fspath(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

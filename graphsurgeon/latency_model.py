@@ -16,13 +16,15 @@ type's cost law fitted over the table's entries of that op, ``a * flops + b * by
 fewer than three entries of an op, the roofline ``max(flops / peak[dtype], bytes /
 bandwidth)`` is used: the time of whichever of compute and memory traffic is the bottleneck.
 
-A node timed alone is not the node inside the model: onnxruntime fuses neighbours (QDQ pairs
-into int8 kernels, MatMul+Add, Gelu, LayerNorm), and a weight read cold in a sequence of layers
-costs more than one read hot in a loop. ``fit_corrections`` learns that gap from whole models
-measured end to end: the prediction becomes ``offset + sum over op types of scale[op] x (the
-table/roofline time of that op type's nodes)``, with the scales fitted by least squares,
-regularized toward 1 (no correction) so that a few measured models cannot overfit, and kept
-non-negative. The scales live in the table's file beside the entries.
+The nodes are those of the graph onnxruntime actually runs (:func:`runtime_graph`: its
+optimizer's output, MatMul+Add as Gemm, Add+LayerNormalization as SkipLayerNormalization,
+Conv+Relu fused...), so a fusion is timed as the one kernel it is rather than charged as the
+nodes it replaced. What remains between a node timed alone and inside the model (a weight
+read cold in a sequence of layers costs more than one read hot in a loop) ``fit_corrections``
+learns from whole models measured end to end: the prediction becomes ``offset + sum over op
+types of scale[op] x (the table time of that op type's nodes)``, with the scales fitted by
+least squares, regularized toward 1 (no correction) so that a few measured models cannot
+overfit, and kept non-negative. The scales live in the table's file beside the entries.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from graphsurgeon.measure import available_cpus
 from graphsurgeon.model_io import atomic_write
 from graphsurgeon.profiles import HardwareProfile
 from graphsurgeon.shapes import ShapeInferencePass, static_dims
-from graphsurgeon.stats import model_stats
 
 _WORK_ATTRS = (
     "strides",
@@ -170,20 +171,42 @@ class LatencyTable:
         return path
 
 
-def _node_features(node: ir.Node, layer: Layer | None, stats) -> tuple[float, float]:
-    """FLOPs (a layer's, from :func:`graphsurgeon.stats.model_stats`; 0 for other nodes) and
-    bytes moved: constant inputs read plus non-constant inputs and outputs, at their dtype."""
-    flops = float((stats.layers[layer.id].flops or 0) if layer is not None else 0)
+def _node_features(node: ir.Node) -> tuple[float, float]:
+    """FLOPs and bytes moved by ``node``: the multiply-adds of a convolution or matrix product
+    (whatever domain the runtime's fused form lives in: FusedConv, nchwc Conv, FusedGemm,
+    FusedMatMul, MatMulNBits...), 0 for other nodes; bytes are every input and output at
+    its dtype."""
     nbytes = 0.0
     for value in [*node.inputs, *node.outputs]:
-        if value is None or value.dtype is None:
-            continue
-        dims = static_dims(value.shape)
-        if dims is None and value.const_value is not None:
-            dims = list(value.const_value.shape)
-        if dims is not None:
+        dims = _dims(value)
+        if dims is not None and value.dtype is not None:
             nbytes += float(np.prod(dims)) * max(1.0, value.dtype.itemsize)
-    return flops, nbytes
+    return _node_flops(node), nbytes
+
+
+def _dims(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    dims = static_dims(value.shape)
+    if dims is None and value.const_value is not None:
+        dims = list(value.const_value.shape)
+    return dims
+
+
+def _node_flops(node: ir.Node) -> float:
+    out = _dims(node.outputs[0]) if node.outputs else None
+    if out is None or len(node.inputs) < 2:
+        return 0.0
+    if "Conv" in node.op_type:
+        weight = _dims(node.inputs[1])
+        return 2.0 * float(np.prod(out)) * float(np.prod(weight[1:])) if weight else 0.0
+    if "Gemm" in node.op_type or "MatMul" in node.op_type:
+        k = node.attributes.get_int("K", 0)
+        a = _dims(node.inputs[0])
+        if not k and a:
+            k = a[-2] if node.attributes.get_int("transA", 0) and len(a) >= 2 else a[-1]
+        return 2.0 * float(np.prod(out)) * float(k)
+    return 0.0
 
 
 def _fit_ops(table: LatencyTable) -> dict[str, tuple[float, float, float]]:
@@ -235,6 +258,87 @@ def annotate_runtime_shapes(model: ir.Model) -> None:
         values[name].shape = ir.Shape(list(array.shape))
 
 
+def runtime_graph(model: ir.Model, threads: int = 1) -> ir.Model:
+    """The graph onnxruntime actually runs for ``model``: its optimizer's output (MatMul+Add as
+    Gemm, Add+LayerNormalization as SkipLayerNormalization, Erf-Gelu as Gelu, Conv+Relu, the
+    attention scale in FusedMatMul, constants folded), with every value's shape as it saved
+    them. Nodes timed on this graph are the kernels that run, so the table sees the fusions
+    instead of charging nodes that disappear. A model the optimizer cannot save (e.g. over the
+    2 GB protobuf limit) is used as it is. A runtime graph given back is returned as it is, so
+    a caller can optimize once and predict, calibrate and list what is missing from it."""
+    import tempfile
+
+    if model.metadata_props.get(_RUNTIME_KEY) == "1":
+        return model
+    from graphsurgeon.latency import session_for
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="gs-rt-") as tmp:
+            # weights saved beside the graph: the shape probe below copies the graph alone
+            path = Path(tmp) / "runtime.onnx"
+            session_for(
+                ir.to_proto(model).SerializeToString(),
+                threads=threads,
+                save_optimized=path,
+                config={
+                    "session.optimized_model_external_initializers_file_name": "weights.bin",
+                    "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+                },
+            )
+            proto = onnx.load(path, load_external_data=False)
+            _fill_missing_shapes(proto, generate_inputs(model, seed=0), Path(tmp))
+            onnx.load_external_data_for_model(proto, tmp)
+    except Exception:
+        return model
+    runtime = ir.serde.deserialize_model(proto)
+    runtime.metadata_props[_RUNTIME_KEY] = "1"
+    return runtime
+
+
+_RUNTIME_KEY = "graphsurgeon.runtime_graph"
+
+
+def missing_signatures(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> set[str]:
+    """Signatures of ``model``'s runtime-graph nodes the table has no entry for."""
+    model = runtime_graph(model, min(profile.threads(), available_cpus()))
+    constants = _constant_names(model)
+    layers = {layer.node: layer for layer in find_layers(model)}
+    sigs = {
+        node_signature(node, layers.get(node))
+        for node in model.graph
+        if not (node.outputs and node.outputs[0].name in constants)
+    }
+    return {s for s in sigs if s is not None and s not in table.entries}
+
+
+def _fill_missing_shapes(proto: onnx.ModelProto, feed: dict, folder: Path) -> None:
+    """Values the optimizer saved without a type (its layout transforms' reorder tokens, some
+    fused nodes' outputs) get the dtype and shape of one real run of the saved graph, with
+    optimizations off, all of them exposed as outputs. ``folder`` holds the external weights."""
+    from graphsurgeon.latency import session_for
+
+    graph = proto.graph
+    known = {v.name for v in (*graph.value_info, *graph.output, *graph.input)}
+    known |= {t.name for t in graph.initializer}
+    missing = [o for n in graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(m) for m in missing)
+    path = folder / "probe.onnx"
+    path.write_bytes(probe.SerializeToString())
+    session = session_for(path, threads=1, optimize=False)
+    wanted = {i.name for i in session.get_inputs()}
+    arrays = session.run(missing, {k: v for k, v in feed.items() if k in wanted})
+    for name, array in zip(missing, arrays, strict=True):
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
+        graph.value_info.append(
+            onnx.helper.make_tensor_value_info(name, dtype, list(np.shape(array)))
+        )
+
+
 def _constant_names(model: ir.Model) -> set[str]:
     """Values computable without inputs: initializers and what only they feed (DQ chains...)."""
     names = {v.name for v in model.graph.initializers.values()}
@@ -252,7 +356,8 @@ def calibrate(
     repeats: int = 30,
     rounds: int = 5,
 ) -> int:
-    """Time every node of ``model`` whose signature the table lacks; returns how many.
+    """Time every node of ``model``'s :func:`runtime_graph` whose signature the table lacks;
+    returns how many.
 
     Each entry is the node's latency alone minus the session's fixed launch overhead, which
     a whole model pays once, not per node. The new nodes are timed in turn over ``rounds``
@@ -261,13 +366,12 @@ def calibrate(
     median: the model predicts a device's own latency, and a shared machine's other tenants
     only ever add to it, unevenly across entries.
     """
-    annotate_runtime_shapes(model)
-    full = onnx.shape_inference.infer_shapes(ir.to_proto(model))
     threads = min(profile.threads(), available_cpus())
+    model = runtime_graph(model, threads)
+    full = onnx.shape_inference.infer_shapes(ir.to_proto(model))
     overhead = _launch_overhead(profile)
     constants = _constant_names(model)
     layers = {layer.node: layer for layer in find_layers(model)}
-    stats = model_stats(model)
     pending: dict[str, tuple[object, list]] = {}
     features: dict[str, list] = {}
     for node in model.graph:
@@ -284,7 +388,7 @@ def calibrate(
         except Exception:
             continue  # a node ORT cannot run alone (sequence types, subgraphs): roofline
         pending[sig] = (session, [feed])
-        features[sig] = [node.op_type, *_node_features(node, layers.get(node), stats)]
+        features[sig] = [node.op_type, *_node_features(node)]
     if not pending:
         return 0
     rounds = max(1, min(rounds, repeats))
@@ -332,10 +436,10 @@ def breakdown(
     """Uncorrected seconds per op type, nodes from the table, nodes estimated. A node missing
     from the table is charged by its op type's fit over the table (:meth:`LatencyTable.op_fit`:
     this device's measured cost per FLOP, per byte and per node); an op type the table has
-    too few entries of falls back to the roofline: a layer its FLOPs and weight bytes, any
-    other node one memory-bound pass over its output."""
-    annotate_runtime_shapes(model)
-    stats = model_stats(model)
+    too few entries of falls back to the roofline over the same FLOPs and bytes. Nodes are
+    those of
+    :func:`runtime_graph`, the graph onnxruntime runs."""
+    model = runtime_graph(model, min(profile.threads(), available_cpus()))
     constants = _constant_names(model)
     layers = {layer.node: layer for layer in find_layers(model)}
     per_op: dict[str, float] = {}
@@ -351,17 +455,12 @@ def breakdown(
         else:
             misses += 1
             fit = table.op_fit(node.op_type)
+            flops, nbytes = _node_features(node)
             if fit is not None:
-                flops, nbytes = _node_features(node, layer, stats)
                 seconds = fit[0] * flops + fit[1] * nbytes + fit[2]
-            elif layer is not None:
-                flops = stats.layers[layer.id].flops or 0
-                dtype = _DTYPE.get(layer.weight.dtype.name, "fp32")
-                seconds = roofline_seconds(profile, flops, layer.weight.nbytes, dtype)
             else:
-                out = node.outputs[0] if node.outputs else None
-                dims = static_dims(out.shape) if out is not None else None
-                seconds = roofline_seconds(profile, 0, 8 * int(np.prod(dims)) if dims else 0)
+                dtype = _DTYPE.get(layer.weight.dtype.name, "fp32") if layer else "fp32"
+                seconds = roofline_seconds(profile, flops, nbytes, dtype)
         per_op[node.op_type] = per_op.get(node.op_type, 0.0) + seconds
     return per_op, hits, misses
 
@@ -429,7 +528,9 @@ __all__ = [
     "breakdown",
     "calibrate",
     "fit_corrections",
+    "missing_signatures",
     "node_signature",
     "predict",
     "roofline_seconds",
+    "runtime_graph",
 ]

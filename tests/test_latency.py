@@ -210,7 +210,6 @@ def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
     from graphsurgeon.layers import find_layers
     from graphsurgeon.profiles import load_profile
     from graphsurgeon.shapes import ShapeInferencePass
-    from graphsurgeon.stats import model_stats
 
     profile = load_profile("x86-avx512-vnni")
     law = (2e-9, 0.5e-9, 3e-6)
@@ -228,7 +227,7 @@ def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
     per_op, hits, misses = breakdown(model, profile, table)
     assert (hits, misses) == (0, 2)
     (layer,) = find_layers(model)
-    flops, nbytes = _node_features(layer.node, layer, model_stats(model))
+    flops, nbytes = _node_features(layer.node)
     assert flops == 2 * 8 * 4 * 3
     assert nbytes == 4 * (8 * 4 + 4 * 3 + 8 * 3)  # x, W, h in fp32
     assert per_op["MatMul"] == pytest.approx(law[0] * flops + law[1] * nbytes + law[2])

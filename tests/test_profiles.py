@@ -269,3 +269,26 @@ def test_profile_calibrate_with_policies_fits_corrections(digits, tmp_path: Path
     assert set(data["features"]) == set(data["entries"])
     assert {"Conv", "Gemm"} <= set(data["scales"])
     assert all(v >= 0 for v in data["scales"].values())
+
+
+def test_runtime_graph_is_what_onnxruntime_runs(digits) -> None:
+    """The latency model times the optimizer's graph: Relu fused away into the convolutions
+    and the hidden Gemm, every node with a signature (reorder tokens' shapes filled in by a
+    probe run), and it computes what the source computes."""
+    import numpy as np
+    import onnx_ir as ir
+
+    import graphsurgeon as gs
+    from graphsurgeon.latency import session_for
+    from graphsurgeon.latency_model import node_signature, runtime_graph
+
+    model = gs.load(digits["model"], shapes={"input": [4, 1, 8, 8]})
+    rt = runtime_graph(model)
+    ops = [n.op_type for n in rt.graph]
+    assert "Relu" in [n.op_type for n in model.graph] and "Relu" not in ops
+    assert len(ops) < len(list(model.graph))
+    assert all(node_signature(n) is not None for n in rt.graph)
+    x = {"input": np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)}
+    (want,) = session_for(ir.to_proto(model).SerializeToString()).run(None, x)
+    (got,) = session_for(ir.to_proto(rt).SerializeToString(), optimize=False).run(None, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
