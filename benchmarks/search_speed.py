@@ -10,7 +10,7 @@ search loop (``evaluations_per_s``: budget / search seconds, baselines and measu
 excluded), the policies actually run, and the hypervolume, with the after/before ratio.
 
     python benchmarks/search_speed.py [--base e0909c1] [--after HEAD] [--apply C1,C2]
-        [--strategies random,ga,ppo,bo] [--budget 100] [--workers 2] [--rounds 1]
+        [--strategies random,ga,ppo,bo] [--budget 100] [--workers 2] [--rounds 1] [--seeds 0,1,2]
 
 Results go to benchmarks/results/search-speed-digits-cpu.json.
 """
@@ -63,7 +63,9 @@ def snapshot(rev: str, dest: Path) -> Path:
     return dest
 
 
-def run_one(code: Path | None, strategy: str, args: argparse.Namespace, tmp: Path) -> dict:
+def run_one(
+    code: Path | None, strategy: str, seed: int, args: argparse.Namespace, tmp: Path
+) -> dict:
     out = Path(tempfile.mkdtemp(dir=tmp))
     cache = out / "cache"
     source = Path(os.environ.get("GRAPHSURGEON_CACHE") or Path.home() / ".cache/graphsurgeon")
@@ -78,7 +80,7 @@ def run_one(code: Path | None, strategy: str, args: argparse.Namespace, tmp: Pat
         "strategy": strategy,
         "budget": args.budget,
         "workers": args.workers,
-        "seed": args.seed,
+        "seed": seed,
     }
     proc = subprocess.run(
         [sys.executable, "-c", RUN, json.dumps(payload)],
@@ -116,7 +118,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="search seeds, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/search-speed-digits-cpu.json"))
     args = ap.parse_args()
     rev = _short(args.base)
@@ -139,15 +141,19 @@ def main() -> None:
                 ).stdout
             )
             subprocess.run(["git", "apply", "-"], cwd=after, input=diff, check=True)
+        turn = 0
         for r in range(args.rounds):
-            for i, strategy in enumerate(args.strategies.split(",")):
-                order = [("before", base), ("after", after)]
-                if (r + i) % 2:
-                    order.reverse()
-                for label, code in order:
-                    result = run_one(code, strategy, args, tmp)
-                    runs.setdefault(strategy, {}).setdefault(label, []).append(result)
-                    print(f"round {r} {strategy:7s} {label:6s} {json.dumps(result)}", flush=True)
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for strategy in args.strategies.split(","):
+                    order = [("before", base), ("after", after)]
+                    if turn % 2:
+                        order.reverse()
+                    turn += 1
+                    for label, code in order:
+                        result = {"seed": seed, **run_one(code, strategy, seed, args, tmp)}
+                        runs.setdefault(strategy, {}).setdefault(label, []).append(result)
+                        line = json.dumps(result)
+                        print(f"round {r} {strategy:7s} {label:6s} {line}", flush=True)
     summary = {}
     for strategy, by in runs.items():
         row: dict[str, Any] = {}
@@ -174,6 +180,7 @@ def main() -> None:
         "budget": args.budget,
         "workers": args.workers,
         "rounds": args.rounds,
+        "seeds": args.seeds,
         "summary": summary,
         "runs": runs,
     }
