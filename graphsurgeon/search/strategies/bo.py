@@ -183,7 +183,8 @@ class BOStrategy(Strategy):
             j = [m.name for m in slot.methods].index(d.method)
             out[method_name] = d.method
             for p, value in d.options.items():
-                out[param_names[j][p]] = value
+                if p in param_names[j]:  # a method's fixed options have no parameter
+                    out[param_names[j][p]] = value
         return out
 
     def _distributions(self, params: dict[str, Any]) -> dict[str, BaseDistribution]:
