@@ -8,7 +8,8 @@ folded once more with ``ConstantOfShape`` allowed (onnxscript keeps it by defaul
 files small; for a compiler the materialized constant is what we want).
 
 Ops the importer lacks get converters here (see :mod:`.lowbit`): ``com.microsoft::MatMulNBits``
-becomes one TIR kernel that dequantizes inside the matmul's reduction; our
+becomes one TIR kernel that dequantizes inside the matmul's reduction, ``GatherBlockQuantized``
+(int4 embedding tables) a lookup that decodes only the rows it reads; our
 ``graphsurgeon.tvm::BlockSparseMatMul`` (block-sparse layers, see :mod:`.sparse`) a BSR kernel. Import failures name
 the op and node.
 """
@@ -114,11 +115,15 @@ def _extra_converters() -> Iterator[None]:
     The importer looks its table up through a module-level function on every node and has no
     registration hook, so both are swapped in for the duration of one import (under a lock).
     """
-    from graphsurgeon.kernels.tvm.lowbit import MatMulNBits
+    from graphsurgeon.kernels.tvm.lowbit import GatherBlockQuantized, MatMulNBits
     from graphsurgeon.kernels.tvm.sparse import BlockSparseMatMul
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
-    extra = {"MatMulNBits": MatMulNBits, "BlockSparseMatMul": BlockSparseMatMul}
+    extra = {
+        "MatMulNBits": MatMulNBits,
+        "GatherBlockQuantized": GatherBlockQuantized,
+        "BlockSparseMatMul": BlockSparseMatMul,
+    }
     original_map = fe._get_convert_map
     original_importer = fe.ONNXGraphImporter
 

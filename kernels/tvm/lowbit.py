@@ -109,3 +109,56 @@ class MatMulNBits(OnnxOpConverter):
         if bias is not None:
             y = relax.op.add(y, bias)
         return y
+
+
+class GatherBlockQuantized(OnnxOpConverter):
+    """``com.microsoft::GatherBlockQuantized`` (``quantize-weights`` on an embedding table):
+    rows looked up from the packed table and dequantized in one TE compute,
+
+        out[..., j] = (code(r, j) - zero(r, j // g)) * scales[r, j // g],   r = ids[...]
+
+    codes packed low bits first in uint8 (two 4-bit codes per byte), zero points packed the
+    same way per row or ``2^(bits - 1)`` when absent. Only the rows looked up are decoded: the
+    table stays packed (b bits per weight) in the library. Negative ids count from the end.
+    Supported: uint8-packed data, ``gather_axis = 0``, ``quantize_axis`` the last axis."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        packed, ids, scales = inputs[0], inputs[1], inputs[2]
+        zero_points = inputs[3] if len(inputs) > 3 else None
+        bits = int(attr.get("bits", 4))
+        block_size = int(attr.get("block_size", 128))
+        shape = [int(d) for d in packed.ty.shape]
+        if packed.ty.dtype.dtype != "uint8" or len(shape) != 2 or bits not in (2, 4, 8):
+            raise ValueError("GatherBlockQuantized: only a 2-D uint8-packed table is supported")
+        if int(attr.get("gather_axis", 0)) != 0 or int(attr.get("quantize_axis", 1)) not in (
+            1,
+            -1,
+        ):
+            raise ValueError("GatherBlockQuantized: only gather_axis 0, quantize_axis 1")
+        rows, per_byte = shape[0], 8 // bits
+        width = shape[1] * per_byte
+        mask = (1 << bits) - 1
+        lead = [int(d) for d in ids.ty.shape]
+
+        def compute(p_t, i_t, s_t, *z):
+            def value(*idx):
+                r = i_t[idx[:-1]].astype("int64")
+                r = tirx.Select(r < 0, r + rows, r)
+                j = idx[-1]
+                byte = p_t[r, j // per_byte]
+                code = (byte >> ((j % per_byte) * bits).astype("uint8")) & tirx.const(mask, "uint8")
+                blk = j // block_size
+                if z:
+                    zb = z[0][r, blk // per_byte]
+                    shift = ((blk % per_byte) * bits).astype("uint8")
+                    zero = ((zb >> shift) & tirx.const(mask, "uint8")).astype("float32")
+                else:
+                    zero = tirx.const(1 << (bits - 1), "float32")
+                scale = s_t[r, blk].astype("float32")
+                return ((code.astype("float32") - zero) * scale).astype(s_t.dtype)
+
+            return te.compute((*lead, width), value, name="gather_block_quantized")
+
+        args = [packed, ids, scales] + ([zero_points] if zero_points is not None else [])
+        return bb.emit_te(compute, *args, primfunc_name_hint="gather_block_quantized")
