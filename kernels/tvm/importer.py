@@ -53,6 +53,7 @@ def prepare(
     # fix-shapes checks names and dims, clears the stale symbolic dims inside the graph and
     # re-infers them
     run_pipeline(model, [{"name": "fix-shapes", "options": {"shapes": fixed}}], verify="off")
+    _infer_contrib_shapes(model)
     for value in model.graph.inputs:
         if static_dims(value.shape) is None:
             raise GraphSurgeonError(
@@ -62,11 +63,56 @@ def prepare(
                 where=where,
             )
     run_pipeline(model, "cleanup", verify="off")
+    while _infer_contrib_shapes(model):  # folding gave more contrib inputs a static shape
+        run_pipeline(model, "cleanup", verify="off")
     _fold_constant_of_shape(model)
     for node in model.graph:  # the importer reads only Constant's ``value`` tensor form
         if node.op_type == "Constant" and node.domain == "":
             _constant_to_value_form(node)
     return model
+
+
+def _contrib_output_shape(node: ir.Node) -> list[int] | None:
+    """Static output shape of the ``com.microsoft`` ops ``quantize-weights`` writes."""
+    if node.domain != "com.microsoft" or not node.outputs:
+        return None
+    if node.op_type == "MatMulNBits":
+        a = static_dims(node.inputs[0].shape) if node.inputs[0] is not None else None
+        return None if a is None else [*a[:-1], node.attributes.get_int("N", 0)]
+    if node.op_type == "GatherBlockQuantized" and len(node.inputs) > 1:
+        table = static_dims(node.inputs[0].shape) if node.inputs[0] is not None else None
+        ids = static_dims(node.inputs[1].shape) if node.inputs[1] is not None else None
+        if table is None or ids is None or len(table) != 2:
+            return None
+        bits = node.attributes.get_int("bits", 4)
+        return [*ids, table[1] * (8 // bits)]
+    return None
+
+
+def _infer_contrib_shapes(model: ir.Model) -> bool:
+    """ONNX shape inference knows no ``com.microsoft`` op, so everything after one (an int4
+    embedding lookup: the whole network) would keep unknown dims, and the shape arithmetic
+    downstream (attention-mask ``Expand``s) would not fold. Their output shapes are set here
+    and inference rerun, sweep by sweep, until every such op has one (a few dozen ms each).
+    Returns whether any shape was set."""
+    from graphsurgeon.shapes import ShapeInferencePass
+
+    any_set = False
+    for _ in range(len(model.graph)):
+        changed = False
+        for node in model.graph:
+            shape = _contrib_output_shape(node)
+            out = node.outputs[0] if node.outputs else None
+            if shape is None or out is None or static_dims(out.shape) == shape:
+                continue
+            out.shape = ir.Shape(shape)
+            if out.type is None:
+                out.type = ir.TensorType(ir.DataType.FLOAT)
+            changed = any_set = True
+        if not changed:
+            break
+        ShapeInferencePass()(model)
+    return any_set
 
 
 def _fold_constant_of_shape(model: ir.Model) -> None:
