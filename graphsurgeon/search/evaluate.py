@@ -259,16 +259,18 @@ class Evaluator:
         from graphsurgeon.energy import estimate_energy
         from graphsurgeon.measure import available_cpus
 
-        prediction = latency_model.predict(model, self.profile, self.table)  # annotates shapes
+        # the graph onnxruntime runs, optimized once for predicting, timing and listing
+        runtime = latency_model.runtime_graph(model, min(self.profile.threads(), available_cpus()))
+        prediction = latency_model.predict(runtime, self.profile, self.table)
         if self.config.time_missing_nodes and prediction.from_roofline:
-            missing = self._missing(model) - self._untimeable
+            missing = self._missing(runtime) - self._untimeable
             if missing:
                 before = set(self.table.entries)
-                latency_model.calibrate(model, self.profile, self.table, repeats=10)
+                latency_model.calibrate(runtime, self.profile, self.table, repeats=10)
                 added = {k: v for k, v in self.table.entries.items() if k not in before}
                 result.latency_entries = added
                 self._untimeable |= missing - set(added)
-                prediction = latency_model.predict(model, self.profile, self.table)
+                prediction = latency_model.predict(runtime, self.profile, self.table)
         stats = model_stats(model)
         ops: dict[str, float] = {}
         for layer in find_layers(model):
@@ -285,11 +287,9 @@ class Evaluator:
         return {"latency_ms": prediction.seconds * 1e3, "energy_mj": energy.joules * 1e3}
 
     def _missing(self, model: ir.Model) -> set[str]:
-        from graphsurgeon.latency_model import node_signature
+        from graphsurgeon.latency_model import missing_signatures
 
-        layers = {layer.node: layer for layer in find_layers(model)}
-        sigs = {node_signature(node, layers.get(node)) for node in model.graph}
-        return {s for s in sigs if s is not None and s not in self.table.entries}
+        return missing_signatures(model, self.profile, self.table)
 
 
 _DTYPES = {"INT8": "int8", "UINT8": "int8", "INT4": "int4", "UINT4": "int4", "FLOAT16": "fp16"}
