@@ -120,3 +120,16 @@ def test_block_sparse_off_builds_dense(tmp_path):
     got, meta = build_and_run(pruned, tmp_path, feed, block_sparse=False)
     assert meta["block_sparse"] == []
     np.testing.assert_allclose(got["y"], ort_run(pruned, feed)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_skips_the_bsr_kernel(tmp_path):
+    """The BSR kernel is written scheduled: the tuner leaves it alone, the rest is tuned."""
+    pruned = prune(matmul_model(64, 32), "4x4")
+    feed = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    got, meta = build_and_run(
+        pruned, tmp_path / "b", feed, tune_seconds=1, database=tmp_path / "db.json"
+    )
+    assert meta["block_sparse"] and meta["tuned"]["kernels"] >= 1
+    records = json.loads((tmp_path / "db.json").read_text())["records"].values()
+    assert not [r for r in records if r["kernel"].startswith("bsr_")]
+    np.testing.assert_allclose(got["y"], ort_run(pruned, feed)["y"], rtol=1e-4, atol=1e-4)
