@@ -161,3 +161,38 @@ def test_ga_children_name_their_parents():
         assert sum(off) <= 6, off
         if len(parents) == 2:  # a crossover takes blocks from both
             assert not np.array_equal(parents[0], parents[1])
+
+
+def test_ga_population_follows_the_budget():
+    space = toy_space()
+    ga = get_strategy("ga")
+    assert ga(space, ["a", "b"], budget=100).pop_size == 16  # ~6 generations
+    assert ga(space, ["a", "b"], budget=20).pop_size == 8
+    assert ga(space, ["a", "b"], budget=5000).pop_size == 32
+    assert ga(space, ["a", "b"]).pop_size == 32
+    assert ga(space, ["a", "b"], budget=100, pop_size=50).pop_size == 50
+
+
+def test_ga_children_avoid_policies_already_asked(monkeypatch):
+    from graphsurgeon.options import Choice
+    from graphsurgeon.search.strategies import ga as ga_module
+
+    methods = [METHODS["none"], METHODS["prune-magnitude"]]
+    spaces = [{}, {"sparsity": Choice([0.25, 0.5, 0.75])}]
+    space = SearchSpace([Slot(f"l{i}", [f"l{i}"], "MatMul", methods, spaces) for i in range(5)])
+
+    def duplicates() -> int:  # 4 ** 5 policies in all; selection keeps the population close
+        ga = get_strategy("ga")(space, ["a", "b"], seed=0, pop_size=12, immigrant_rate=0.0)
+        xs = ga.ask(12)
+        ga.tell(xs, [{"a": float(x[0]), "b": float(1 - x[0] + x[2])} for x in xs])
+        seen = {space.decode(x).key() for x in xs}
+        dup = 0
+        for x in ga.ask(24):
+            key = space.decode(x).key()
+            dup += key in seen
+            seen.add(key)
+        return dup
+
+    assert duplicates() <= 3
+    monkeypatch.setattr(ga_module, "_RETRIES", 1)  # no second draw: the old behaviour
+    assert duplicates() >= 8

@@ -274,7 +274,10 @@ def tune(
         loop.baselines(ex)
         initial = [space.encode(p) for p in seed_policies(space)]  # see search/seeds.py
         cls = get_strategy(strategy)
-        strat = cls(space, keys, seed=seed, initial=initial, **(strategy_options or {}))
+        options = dict(strategy_options or {})
+        if n_budget and "budget" in cls.extra_options:  # e.g. ga sizes its population by it
+            options.setdefault("budget", n_budget)
+        strat = cls(space, keys, seed=seed, initial=initial, **options)
         if record.strategy_state:
             strat.load_state_dict(record.strategy_state)
         batch = batch_size or int(getattr(strat, "pop_size", 0) or max(8, 2 * workers))

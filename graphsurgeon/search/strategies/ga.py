@@ -1,5 +1,8 @@
 """``ga``: NSGA-II with a novelty archive and dynamic sharding of the encoding space.
 
+- **Population**: ``pop_size`` (by default a sixth of the search's budget, within [8, 32]:
+  selection needs several generations to act); the first generation, after the seed policies,
+  is sparse random policies, each compressing a random share of the slots.
 - **Selection** (Deb et al. 2002): parents and offspring are ranked by constrained
   non-dominated sorting, ties broken by crowding distance; parents are picked by binary
   tournaments on (rank, -crowding).
@@ -41,7 +44,7 @@ class NSGA2(Strategy):
         "shards": IntRange(1, 64, log=True),
     }
     defaults = {
-        "pop_size": 32,
+        "pop_size": None,  # budget / 6 within [8, 32] when the search's budget is known, else 32
         "crossover_rate": 0.9,
         "mutation_rate": None,  # 2 / dim
         "mutation_sigma": 0.15,
@@ -50,11 +53,12 @@ class NSGA2(Strategy):
         "immigrant_rate": 0.1,
         "shards": 8,
     }
+    extra_options = ("initial", "budget")
 
     def __init__(self, space, objectives, *, seed: int = 0, **hyper: Any) -> None:  # type: ignore[no-untyped-def]
         super().__init__(space, objectives, seed=seed, **hyper)
         h = {**self.defaults, **{k: v for k, v in hyper.items() if v is not None}}
-        self.pop_size = int(h["pop_size"])
+        self.pop_size = int(h["pop_size"] or _auto_pop_size(hyper.get("budget")))
         self.crossover_rate = float(h["crossover_rate"])
         self.mutation_rate = float(h["mutation_rate"] or min(0.5, 2.0 / max(space.dim, 1)))
         self.mutation_sigma = float(h["mutation_sigma"])
@@ -71,6 +75,7 @@ class NSGA2(Strategy):
         self.archive: list[np.ndarray] = []
         self.incoming: list[tuple[np.ndarray, np.ndarray, float]] = []
         self.generation = 0
+        self.seen: set[str] = set()  # policy keys asked for or told (children avoid them)
         self.method_genes = np.asarray(space.method_genes(), dtype=np.int64)
         self.is_method = np.zeros(space.dim, dtype=bool)
         self.is_method[self.method_genes] = True
@@ -82,9 +87,7 @@ class NSGA2(Strategy):
         parents: list[tuple[np.ndarray, ...]] = [() for _ in out]
         while len(out) < n:
             if not self.population:
-                out.append(
-                    self._immigrant() if self.generation else self.rng.random(self.space.dim)
-                )
+                out.append(self._immigrant() if self.generation else self._sparse())
                 parents.append(())
                 continue
             r = self.rng.random()
@@ -98,13 +101,26 @@ class NSGA2(Strategy):
                 if self.archive and r < self.immigrant_rate + self.inject_rate
                 else self._tournament()
             )
-            child, crossed = self._crossover(a, b)
-            out.append(self._mutate(child))
+            for _ in range(_RETRIES):  # a child that decodes to a known policy wastes budget
+                child, crossed = self._crossover(a, b)
+                child = self._mutate(child)
+                if self._new(child):
+                    break
+            out.append(child)
             parents.append((a, b) if crossed else (a,))
         self.last_parents = parents
         return out
 
-    def _sparse(self) -> np.ndarray:
+    def _new(self, x: np.ndarray) -> bool:
+        """Whether ``x`` decodes to a policy not asked for before (and remember it): genes
+        are binned, so most small mutations of a parameter gene decode to the parent."""
+        key = self.space.decode(x).key()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    def _sparse(self) -> np.ndarray:  # the first generation
         """A random policy touching a random share of the slots (uniform in [0, 1]): uniform
         vectors compress nearly every layer at once (``none`` is one method of many), which on
         a deep model is almost never within an accuracy constraint."""
@@ -179,6 +195,7 @@ class NSGA2(Strategy):
     def tell(self, xs: list[np.ndarray], scores: list[Score | None]) -> None:
         for x, s in zip(xs, scores, strict=True):
             x = np.asarray(x, dtype=np.float64)
+            self.seen.add(self.space.decode(x).key())
             region = self._region(x)
             self.region_n[region] += 1
             if s is None:
@@ -257,6 +274,7 @@ class NSGA2(Strategy):
             "incoming": rows(self.incoming),
             "archive": [x.tolist() for x in self.archive],
             "generation": self.generation,
+            "seen": sorted(self.seen),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -274,4 +292,17 @@ class NSGA2(Strategy):
         self.incoming = rows(state["incoming"])
         self.archive = [np.asarray(x) for x in state["archive"]]
         self.generation = int(state["generation"])
+        self.seen = set(state.get("seen", []))
         self._rank_cache = None
+
+
+_RETRIES = 8  # children drawn at most per slot before a duplicate is accepted
+
+
+def _auto_pop_size(budget: int | None) -> int:
+    """Selection needs generations to act: a population of 32 on a budget of 100 is three
+    generations, barely more than random sampling. Aim for about six generations, and keep
+    at least 8 members for crossover to have material."""
+    if not budget:
+        return 32
+    return int(min(32, max(8, int(budget) // 6)))
