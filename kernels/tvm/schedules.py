@@ -103,7 +103,8 @@ def schedule_func(func: tirx.PrimFunc, target: Target, knobs: Knobs) -> s_tir.Sc
         if not reductions:
             return _injective(sch, infos, target, knobs)
         if len(reductions) == 1 and reductions[0].dom_kind().startswith("S"):
-            return _reduction(sch, infos, reductions[0], target, knobs, staged)
+            cols = [b for b in pads if sch.get(b.block_rv).name_hint == col]
+            return _reduction(sch, infos, reductions[0], target, knobs, staged, cols)
         return _rowwise(sch, infos, target, knobs)
     except Exception:  # a primitive refused (ScheduleError): leave the kernel to other rules
         return None
@@ -178,7 +179,12 @@ def _injective(sch, infos, target, knobs) -> s_tir.Schedule | None:
     return sch
 
 
-def _reduction(sch, infos, red, target, knobs, staged=()) -> s_tir.Schedule | None:
+def _reduction(sch, infos, red, target, knobs, staged=(), cols=()) -> s_tir.Schedule | None:
+    """The matmul schedule of the module docstring. A conv (im2col stage ``cols``) over a batch
+    instead runs image by image, each image's ``col`` gathered right before its matmul: tens
+    of KB that stay in L2, where the whole batch's (2.4 MB for the digits CNN at batch 64)
+    would not. Timed alone the batch-wide copy looked faster; inside the model run, between
+    the other kernels, per image is 3-5% faster end to end (the number that counts)."""
     block = red.block_rv
     kinds = red.dom_kind()
     loops = sch.get_loops(block)
@@ -201,10 +207,18 @@ def _reduction(sch, infos, red, target, knobs, staged=()) -> s_tir.Schedule | No
             outer_spatial = [*outer_spatial[:-1], i_outer]
     # j blocks outermost: one [K, vector] slice of B stays in L1 while every row uses it
     order = [j_outer, *outer_spatial, *reduce]
+    per_image = bool(cols) and len(outer_spatial) > 1 and extents[0] > 1
+    if per_image:  # conv: [n, pixel blocks, channel blocks, ...]
+        order = [outer_spatial[0], j_outer, *outer_spatial[1:], *reduce]
     order += [rows_loop] if rows_loop is not None else []
     order.append(j_vec)
     sch.reorder(*order)
-    par = sch.fuse(j_outer, *outer_spatial[:-1]) if len(outer_spatial) > 1 else j_outer
+    if per_image:
+        par = outer_spatial[0]
+        for info in cols:
+            sch.compute_at(info.block_rv, par, preserve_unit_loops=True)
+    else:
+        par = sch.fuse(j_outer, *outer_spatial[:-1]) if len(outer_spatial) > 1 else j_outer
     for info in staged:  # dequantize the [K, vector] weight slice this column block reads
         sch.compute_at(info.block_rv, par, preserve_unit_loops=True)
         inner = sch.get_loops(info.block_rv)[-1]
