@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             builds[label] = build
             meta = json.loads(build.meta_path.read_text())
-            row[label] = {"build_seconds": round(build.seconds, 1), "tuning": meta["tuned"]}
+            row[label] = {
+                "build_seconds": round(build.seconds, 1),
+                "tune_seconds": seconds,
+                "tuning": meta["tuned"],
+            }
         runners = {"ort": lambda f, s=session: s.run(None, f)}
         for label, build in builds.items():
             fn = load(build.lib_path, build.meta_path, threads=args.threads)
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(out.read_text())
         results["models"] = {**old.get("models", {}), **results["models"]}
         results.setdefault("block_sparse", old.get("block_sparse"))
+        # the rows kept were measured with the earlier run's settings
+        results["settings"]["merged_from"] = old.get("settings")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
