@@ -7,7 +7,9 @@ through ``PYTHONPATH``; ``--after worktree``: the installed working tree), alter
 its own copy of the same latency table (so neither inherits the other's node timings) and its
 own database (no cached evaluations). Reported per strategy: policies per second of the
 search loop (``evaluations_per_s``: budget / search seconds, baselines and measuring
-excluded), the policies actually run, and the hypervolume, with the after/before ratio.
+excluded), the policies actually run per second (``evaluated_per_s``: duplicates a strategy
+asks again are read back, not run), and the hypervolume (mean and spread over the runs), with
+the after/before ratio.
 
     python benchmarks/search_speed.py [--base e0909c1] [--after HEAD] [--apply C1,C2]
         [--strategies random,ga,ppo,bo] [--budget 100] [--workers 2] [--rounds 1] [--seeds 0,1,2]
@@ -28,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"
@@ -159,11 +163,21 @@ def main() -> None:
         row: dict[str, Any] = {}
         for label in ("before", "after"):
             ok = [x for x in by.get(label, []) if "error" not in x]
+            for x in ok:  # policies actually run (not read back as duplicates) per second
+                x.setdefault("evaluated_per_s", x["evaluated"] / x["search_s"])
             if ok:
                 row[label] = {
                     k: round(sum(x[k] for x in ok) / len(ok), 4)
-                    for k in ("evaluations_per_s", "search_s", "evaluated", "hypervolume")
+                    for k in (
+                        "evaluations_per_s",
+                        "evaluated_per_s",
+                        "search_s",
+                        "evaluated",
+                        "hypervolume",
+                    )
                 }
+                hv = [x["hypervolume"] for x in ok]
+                row[label]["hypervolume_std"] = round(float(np.std(hv)), 4)
         if "before" in row and "after" in row:
             row["speedup"] = round(
                 row["after"]["evaluations_per_s"] / row["before"]["evaluations_per_s"], 2
