@@ -73,6 +73,7 @@ def test_tune_search_tunes_the_reward_lambda_of_a_reward_driven_strategy(
     assert pareto["evaluations"] == 3
     # NSGA-II never reads the reward: lambda is not a knob there
     ga = [*args[:11], "ga", "--strategy-option", "pop_size=3", *args[14:-1], str(tmp_path / "ga")]
+    ga[ga.index("--tune-search") + 1] = "1"
     assert main(ga) == 0
     text = capsys.readouterr().out
     assert "lambda is not tuned: ga does not steer by the reward" in text
