@@ -153,10 +153,16 @@ def measure_runner(
     )
 
 
-def ort_runner(model: ir.Model, profile: HardwareProfile, *, cuda: bool = False) -> Runner:
-    """onnxruntime with full graph optimizations, as a deployment would run it."""
+def ort_runner(
+    model: ir.Model, profile: HardwareProfile, *, cuda: bool = False, spin: bool = True
+) -> Runner:
+    """onnxruntime with full graph optimizations, as a deployment would run it. ``spin=False``
+    for sessions timed in turn with others: idle sessions' spinning pool threads would take
+    the cores from the one being timed (see :func:`graphsurgeon.latency.measure_interleaved`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = min(profile.threads(), available_cpus())
     options.inter_op_num_threads = 1
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None

@@ -121,19 +121,28 @@ def measure_interleaved(
     warmup: int = 3,
     rounds: int = 7,
     repeats: int = 10,
+    min_round_s: float = 0.0,
 ) -> list[LatencyStats]:
     """Time several models in turn: ``rounds`` rounds, each running every model ``repeats``
-    times (after ``warmup`` untimed runs of each at the start).
+    times (after ``warmup`` untimed runs of each at the start), or, with ``min_round_s``, as
+    many more times as its warm-up says fill that long (a 20 us model gets enough runs for
+    a stable round median where a 10 ms model needs few).
 
     On a shared machine the load drifts over seconds; timing models one after the other lets
     a slow spell land on some of them and not the others, which reorders models whose
     latencies differ by less than the drift. In turns, every model sees the same spells.
-    Each model's ``median_s`` is the median of its per-round medians (a spell that covers a
+    Sessions made here do not spin their threads while idle (see below); sessions passed in
+    should not either. Each model's ``median_s`` is the median of its per-round medians (a spell that covers a
     whole round moves one of them), ``quiet_s`` the lowest of them; p90, cv, min and max are
     over all its runs.
     """
     if not models:
         return []
+    # onnxruntime's pool threads spin for a while after each run, waiting for more work; with
+    # several sessions in turn, the idle ones' spinning threads take the cores from the one
+    # being timed (MiniLM, 8 sessions: 18 ms median instead of 11 ms). Blocking threads cost
+    # a session well under that, alike for every model.
+    quiet_pool = {"session.intra_op.allow_spinning": "0"} if len(models) > 1 else None
     if rounds < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need rounds, repeats >= 1 and warmup >= 0 (got {rounds}, {repeats})")
     runs = []
@@ -143,18 +152,24 @@ def measure_interleaved(
         session = (
             model
             if isinstance(model, ort.InferenceSession)
-            else session_for(model, threads=threads)
+            else session_for(model, threads=threads, config=quiet_pool)
         )
         prepared = _prepare(session, feeds)
         for i in range(warmup):
             session.run(None, prepared[i % len(prepared)])
-        runs.append((session, prepared))
+        count = repeats
+        if min_round_s > 0:  # one more warm run, timed, sizes the rounds
+            t0 = time.perf_counter()
+            session.run(None, prepared[0])
+            took = time.perf_counter() - t0
+            count = max(repeats, min(10_000, math.ceil(min_round_s / max(took, 1e-7))))
+        runs.append((session, prepared, count))
     times: list[list[float]] = [[] for _ in runs]
     round_medians: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for k, (session, prepared) in enumerate(runs):
+        for k, (session, prepared, count) in enumerate(runs):
             mine = []
-            for i in range(repeats):
+            for i in range(count):
                 feed = prepared[i % len(prepared)]
                 t0 = time.perf_counter()
                 session.run(None, feed)
@@ -163,5 +178,5 @@ def measure_interleaved(
             round_medians[k].append(statistics.median(mine))
     return [
         _stats(t, s.get_session_options().intra_op_num_threads, statistics.median(m), min(m))
-        for t, m, (s, _) in zip(times, round_medians, runs, strict=True)
+        for t, m, (s, _, _) in zip(times, round_medians, runs, strict=True)
     ]

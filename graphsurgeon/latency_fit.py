@@ -102,6 +102,7 @@ def calibrate_policies(
         threads=threads,
         rounds=5,
         repeats=max(1, repeats // 5),
+        min_round_s=0.02,
     )
     samples = []
     for i, (variant, stats) in enumerate(zip(variants, measured, strict=True)):

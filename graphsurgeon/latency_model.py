@@ -397,6 +397,7 @@ def calibrate(
         threads=threads,
         rounds=rounds,
         repeats=max(1, round(repeats / rounds)),
+        min_round_s=0.005,
     )
     for sig, st in zip(pending, timed, strict=True):
         table.entries[sig] = max(0.0, st.quiet_s - overhead)

@@ -489,7 +489,7 @@ def _interleaved_latency(
     round medians around their median (interquartile range / median, at least 0.5%)."""
     from graphsurgeon.compiler import measure_runner, ort_runner
 
-    runners = [ort_runner(m, profile) for m in models]
+    runners = [ort_runner(m, profile, spin=False) for m in models]
     samples: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, run in enumerate(runners):

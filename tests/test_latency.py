@@ -231,3 +231,19 @@ def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
     assert flops == 2 * 8 * 4 * 3
     assert nbytes == 4 * (8 * 4 + 4 * 3 + 8 * 3)  # x, W, h in fp32
     assert per_op["MatMul"] == pytest.approx(law[0] * flops + law[1] * nbytes + law[2])
+
+
+def test_interleaved_rounds_fill_the_minimum_round_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose timed warm run takes 1 ms gets 5 runs a round for min_round_s=5 ms; one
+    whose warm run takes 10 ms keeps the minimum of 2."""
+    fast, slow = session_for(_tiny_model(), threads=1), session_for(_tiny_model(), threads=1)
+    # sizing runs (fast, slow), then 1 round: fast x5, slow x2
+    durations = [0.001, 0.010] + [0.001] * 5 + [0.010] * 2
+    ticks = itertools.chain.from_iterable(
+        (100.0 * i, 100.0 * i + d) for i, d in enumerate(durations)
+    )
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    a, b = latency.measure_interleaved(
+        [(fast, _feeds(1)), (slow, _feeds(1))], warmup=0, rounds=1, repeats=2, min_round_s=0.005
+    )
+    assert (a.runs, b.runs) == (5, 2)
