@@ -122,14 +122,15 @@ class LatencyTable:
     #: per entry: op type, FLOPs and bytes moved, for the per-op fit of unseen signatures
     features: dict[str, list] = field(default_factory=dict)
 
-    def op_fit(self, op: str) -> tuple[float, float, float] | None:
-        """``(seconds per FLOP, seconds per byte, seconds per node)`` of ``op`` on this device,
-        a non-negative least-squares fit over the op's entries; None with fewer than three."""
+    def op_fit(self, key: str) -> tuple[float, float, float, float] | None:
+        """``(seconds per FLOP, seconds per byte, seconds per node, RMS relative error)`` of
+        the kernel family ``key`` (:func:`fit_key`) on this device: a non-negative
+        least-squares fit over its entries; None with fewer than three."""
         if self._fits is None:
             self._fits = _fit_ops(self)
-        return self._fits.get(op)
+        return self._fits.get(key)
 
-    _fits: dict[str, tuple[float, float, float]] | None = field(
+    _fits: dict[str, tuple[float, float, float, float]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -209,25 +210,46 @@ def _node_flops(node: ir.Node) -> float:
     return 0.0
 
 
-def _fit_ops(table: LatencyTable) -> dict[str, tuple[float, float, float]]:
-    """Per op type, ``t = a * flops + b * bytes + c`` with ``a, b, c >= 0`` fitted to the table's
-    measured entries: the device's effective throughput for that op, which a datasheet peak
-    (the roofline) overestimates by as much as the kernels fall short of it."""
+def fit_key(node: ir.Node) -> str:
+    """The kernel family whose entries share one cost law: op and domain, plus what changes
+    the work per FLOP (a convolution's kernel and whether it is grouped, a packed weight's
+    bits)."""
+    attrs = node.attributes
+    key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+    if "Conv" in node.op_type:
+        kernel = attrs.get_ints("kernel_shape", None)
+        key += f"|k={list(kernel) if kernel else '?'}|grouped={attrs.get_int('group', 1) > 1}"
+    if attrs.get_int("bits", 0):
+        key += f"|bits={attrs.get_int('bits', 0)}"
+    return key
+
+
+#: a family's law replaces its own entries only when it explains them this well (RMS relative)
+_TRUSTED_FIT = 0.25
+
+
+def _fit_ops(table: LatencyTable) -> dict[str, tuple[float, float, float, float]]:
+    """Per kernel family, ``t = a * flops + b * bytes + c`` with ``a, b, c >= 0`` fitted to the
+    table's measured entries: the device's effective throughput for those kernels, which a
+    datasheet peak (the roofline) overestimates by as much as the kernels fall short of it.
+    The fourth number is the fit's RMS relative error over its entries."""
     from scipy.optimize import nnls
 
     rows: dict[str, list[tuple[float, float, float]]] = {}
-    for sig, (op, flops, nbytes) in table.features.items():
+    for sig, (key, flops, nbytes) in table.features.items():
         if sig in table.entries:
-            rows.setdefault(op, []).append((flops, nbytes, table.entries[sig]))
+            rows.setdefault(key, []).append((flops, nbytes, table.entries[sig]))
     fits = {}
-    for op, data in rows.items():
+    for key, data in rows.items():
         if len(data) < 3:
             continue
         a = np.array([[f, b, 1.0] for f, b, _ in data])
         y = np.array([t for *_, t in data])
         norm = np.maximum(a.max(axis=0), 1e-30)  # well-conditioned columns
         coef, _ = nnls(a / norm, y)
-        fits[op] = tuple(float(c) for c in coef / norm)
+        coef = coef / norm
+        error = float(np.sqrt(np.mean(((a @ coef - y) / np.maximum(y, 1e-9)) ** 2)))
+        fits[key] = (float(coef[0]), float(coef[1]), float(coef[2]), error)
     return fits
 
 
@@ -388,7 +410,7 @@ def calibrate(
         except Exception:
             continue  # a node ORT cannot run alone (sequence types, subgraphs): roofline
         pending[sig] = (session, [feed])
-        features[sig] = [node.op_type, *_node_features(node)]
+        features[sig] = [fit_key(node), *_node_features(node)]
     if not pending:
         return 0
     rounds = max(1, min(rounds, repeats))
@@ -450,15 +472,20 @@ def breakdown(
             continue
         layer = layers.get(node)
         sig = node_signature(node, layer)
+        fit = table.op_fit(fit_key(node))
+        flops, nbytes = _node_features(node)
+        law = fit[0] * flops + fit[1] * nbytes + fit[2] if fit is not None else None
         if sig is not None and sig in table.entries:
-            seconds = table.entries[sig]
             hits += 1
+            # one node timed alone carries its measurement's noise; its family's law pools
+            # every entry of that family, so a compute node whose law explains the entries
+            # well is charged by the law (other nodes keep their own entries)
+            trusted = law is not None and flops > 0 and fit[3] <= _TRUSTED_FIT
+            seconds = law if trusted else table.entries[sig]
         else:
             misses += 1
-            fit = table.op_fit(node.op_type)
-            flops, nbytes = _node_features(node)
-            if fit is not None:
-                seconds = fit[0] * flops + fit[1] * nbytes + fit[2]
+            if law is not None:
+                seconds = law
             else:
                 dtype = _DTYPE.get(layer.weight.dtype.name, "fp32") if layer else "fp32"
                 seconds = roofline_seconds(profile, flops, nbytes, dtype)

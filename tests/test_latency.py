@@ -217,8 +217,8 @@ def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
     for i, (flops, nbytes) in enumerate([(1e5, 4e4), (4e6, 1e5), (3e7, 9e5), (5e5, 2e6)]):
         table.entries[f"sig{i}"] = law[0] * flops + law[1] * nbytes + law[2]
         table.features[f"sig{i}"] = ["MatMul", flops, nbytes]
-    fit = table.op_fit("MatMul")
-    assert fit == pytest.approx(law, rel=1e-6)
+    *fit, error = table.op_fit("MatMul")
+    assert fit == pytest.approx(law, rel=1e-6) and error < 1e-6
     assert table.op_fit("Conv") is None  # no entries: roofline
 
     model = ir.serde.deserialize_model(onnx.ModelProto.FromString(_tiny_model()))
@@ -247,3 +247,45 @@ def test_interleaved_rounds_fill_the_minimum_round_time(monkeypatch: pytest.Monk
         [(fast, _feeds(1)), (slow, _feeds(1))], warmup=0, rounds=1, repeats=2, min_round_s=0.005
     )
     assert (a.runs, b.runs) == (5, 2)
+
+
+def test_a_trusted_law_smooths_its_familys_entries_and_a_poor_one_does_not() -> None:
+    """A timed MatMul whose entry is off its family's law (one noisy timing among consistent
+    ones) is charged by the law; when the family's entries do not follow one law (RMS relative
+    error over 25%), every node keeps its own entry."""
+    import onnx_ir as ir
+
+    from graphsurgeon.latency_model import LatencyTable, _node_features, breakdown, node_signature
+    from graphsurgeon.layers import find_layers
+    from graphsurgeon.profiles import load_profile
+    from graphsurgeon.shapes import ShapeInferencePass
+
+    profile = load_profile("x86-avx512-vnni")
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(_tiny_model()))
+    model.graph.inputs[0].shape = ir.Shape([8, 4])
+    ShapeInferencePass()(model)
+    (layer,) = find_layers(model)
+    sig = node_signature(layer.node, layer)
+    flops, nbytes = _node_features(layer.node)
+    law = (2e-9, 0.5e-9, 3e-6)
+    exact = law[0] * flops + law[1] * nbytes + law[2]
+
+    def table_with(others: list[float]) -> LatencyTable:
+        table = LatencyTable(profile.name)
+        points = [(1e5, 4e4), (4e6, 1e5), (3e7, 9e5), (5e5, 2e6)]
+        for i, ((f, b), scale) in enumerate(zip(points, others, strict=True)):
+            table.entries[f"sig{i}"] = scale * (law[0] * f + law[1] * b + law[2])
+            table.features[f"sig{i}"] = ["MatMul", f, b]
+        table.entries[sig] = 3 * exact  # a noisy timing of this very node
+        table.features[sig] = ["MatMul", flops, nbytes]
+        return table
+
+    consistent = table_with([1, 1, 1, 1])
+    per_op, hits, _ = breakdown(model, profile, consistent)
+    assert hits == 1  # the MatMul (the Relu has no entry)
+    a, b, c, error = consistent.op_fit("MatMul")
+    assert error <= 0.25
+    assert per_op["MatMul"] == pytest.approx(a * flops + b * nbytes + c)
+    assert per_op["MatMul"] < 2 * exact  # pulled toward the law, away from the 3x timing
+    per_op, _, _ = breakdown(model, profile, table_with([0.2, 3.0, 0.3, 4.0]))
+    assert per_op["MatMul"] == pytest.approx(3 * exact)
