@@ -377,6 +377,7 @@ def calibrate(
     *,
     repeats: int = 30,
     rounds: int = 5,
+    min_round_s: float = 0.005,
 ) -> int:
     """Time every node of ``model``'s :func:`runtime_graph` whose signature the table lacks;
     returns how many.
@@ -384,9 +385,10 @@ def calibrate(
     Each entry is the node's latency alone minus the session's fixed launch overhead, which
     a whole model pays once, not per node. The new nodes are timed in turn over ``rounds``
     rounds (about ``repeats`` runs each in all, see
-    :func:`graphsurgeon.latency.measure_interleaved`) and each keeps its quietest round's
-    median: the model predicts a device's own latency, and a shared machine's other tenants
-    only ever add to it, unevenly across entries.
+    :func:`graphsurgeon.latency.measure_interleaved`; a round lasts at least ``min_round_s``
+    per node, 0 for a quick look inside search) and each keeps its quietest round's median:
+    the model predicts a device's own latency, and a shared machine's other tenants only ever
+    add to it, unevenly across entries.
     """
     threads = min(profile.threads(), available_cpus())
     model = runtime_graph(model, threads)
@@ -419,7 +421,7 @@ def calibrate(
         threads=threads,
         rounds=rounds,
         repeats=max(1, round(repeats / rounds)),
-        min_round_s=0.005,
+        min_round_s=min_round_s,
     )
     for sig, st in zip(pending, timed, strict=True):
         table.entries[sig] = max(0.0, st.quiet_s - overhead)

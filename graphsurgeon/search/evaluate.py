@@ -266,7 +266,9 @@ class Evaluator:
             missing = self._missing(runtime) - self._untimeable
             if missing:
                 before = set(self.table.entries)
-                latency_model.calibrate(runtime, self.profile, self.table, repeats=10)
+                latency_model.calibrate(
+                    runtime, self.profile, self.table, repeats=10, min_round_s=0.0
+                )
                 added = {k: v for k, v in self.table.entries.items() if k not in before}
                 result.latency_entries = added
                 self._untimeable |= missing - set(added)
