@@ -399,6 +399,9 @@ def side_by_side(
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.log_severity_level = 4
+            # two sessions in turn: an idle one's spinning pool threads would take the cores
+            # from the one being timed (see graphsurgeon.latency.measure_interleaved)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             proto = ir.to_proto(model).SerializeToString()
             session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
             wanted = {i.name for i in session.get_inputs()}
