@@ -285,7 +285,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     con.print(f"policy: {result.policy}")
     for note in result.notes:
         con.print(f"note: {note}")
-    con.print(f"wrote {result.bundle}/ (manifest.json, model.onnx, report.html)")
+    files = ", ".join(
+        p.name + ("/" if p.is_dir() else "") for p in sorted(Path(result.bundle).iterdir())
+    )
+    con.print(f"wrote {result.bundle}/ ({files})")
     return 0
 
 
