@@ -40,14 +40,13 @@ import onnx
 import onnx_ir as ir
 from onnx.utils import Extractor
 
-from graphsurgeon.calibration import collect_activations
 from graphsurgeon.data import generate_inputs
 from graphsurgeon.latency import measure_interleaved, session_for
 from graphsurgeon.layers import Layer, find_layers
 from graphsurgeon.measure import available_cpus
 from graphsurgeon.model_io import atomic_write
 from graphsurgeon.profiles import HardwareProfile
-from graphsurgeon.shapes import ShapeInferencePass, static_dims
+from graphsurgeon.shapes import static_dims
 
 _WORK_ATTRS = (
     "strides",
@@ -259,27 +258,6 @@ def _node_model(full: onnx.ModelProto, node: ir.Node, constants: set[str]) -> on
     return Extractor(full).extract_model(list(dict.fromkeys(inputs)), [node.outputs[0].name])
 
 
-def annotate_runtime_shapes(model: ir.Model) -> None:
-    """Give every main-graph value the shape it has when the model runs on generated inputs.
-
-    Shape inference leaves dims unknown behind Reshapes whose target is computed at run
-    time; one real run fills them in, so that every node gets a signature.
-    """
-    ShapeInferencePass()(model)
-    wanted = [
-        o.name
-        for node in model.graph
-        for o in node.outputs
-        if o.type is not None and o.dtype is not None and static_dims(o.shape) is None
-    ]
-    if not wanted:
-        return
-    values = {o.name: o for node in model.graph for o in node.outputs}
-    arrays = collect_activations(model, [generate_inputs(model, seed=0)], wanted)
-    for name, array in arrays.items():
-        values[name].shape = ir.Shape(list(array.shape))
-
-
 def runtime_graph(model: ir.Model, threads: int = 1) -> ir.Model:
     """The graph onnxruntime actually runs for ``model``: its optimizer's output (MatMul+Add as
     Gemm, Add+LayerNormalization as SkipLayerNormalization, Erf-Gelu as Gelu, Conv+Relu, the
@@ -337,8 +315,6 @@ def _fill_missing_shapes(proto: onnx.ModelProto, feed: dict, folder: Path) -> No
     """Values the optimizer saved without a type (its layout transforms' reorder tokens, some
     fused nodes' outputs) get the dtype and shape of one real run of the saved graph, with
     optimizations off, all of them exposed as outputs. ``folder`` holds the external weights."""
-    from graphsurgeon.latency import session_for
-
     graph = proto.graph
     known = {v.name for v in (*graph.value_info, *graph.output, *graph.input)}
     known |= {t.name for t in graph.initializer}
