@@ -133,6 +133,24 @@ class LatencyTable:
         default=None, init=False, repr=False, compare=False
     )
 
+    def timings(self, sigs: set[str] | list[str]) -> dict[str, list]:
+        """``sigs``' entries as ``[seconds, family, flops, bytes]`` (the features when known),
+        for handing to another process's table (:meth:`adopt`)."""
+        return {s: [self.entries[s], *self.features.get(s, [])] for s in sigs if s in self.entries}
+
+    def adopt(self, timings: dict[str, list]) -> int:
+        """Take entries another table timed (:meth:`timings`) that this one lacks, with their
+        features, so the family laws cover them too; returns how many."""
+        fresh = {s: t for s, t in timings.items() if s not in self.entries}
+        for sig, timing in fresh.items():  # a bare number: a timing stored before features
+            seconds, *features = timing if isinstance(timing, (list, tuple)) else [timing]
+            self.entries[sig] = float(seconds)
+            if features:
+                self.features[sig] = list(features)
+        if fresh:
+            self._fits = None
+        return len(fresh)
+
     @classmethod
     def path_for(cls, profile: HardwareProfile) -> Path:
         digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]

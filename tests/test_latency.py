@@ -289,3 +289,25 @@ def test_a_trusted_law_smooths_its_familys_entries_and_a_poor_one_does_not() -> 
     assert per_op["MatMul"] < 2 * exact  # pulled toward the law, away from the 3x timing
     per_op, _, _ = breakdown(model, profile, table_with([0.2, 3.0, 0.3, 4.0]))
     assert per_op["MatMul"] == pytest.approx(3 * exact)
+
+
+def test_timings_handed_between_tables_keep_their_features() -> None:
+    """A search worker's new timings reach another table with the features the family laws
+    are fitted on; an entry the receiver already has is kept, and bare numbers still load."""
+    from graphsurgeon.latency_model import LatencyTable
+
+    law = (2e-9, 0.5e-9, 3e-6)
+    worker = LatencyTable("p")
+    for i, (flops, nbytes) in enumerate([(1e5, 4e4), (4e6, 1e5), (3e7, 9e5)]):
+        worker.entries[f"sig{i}"] = law[0] * flops + law[1] * nbytes + law[2]
+        worker.features[f"sig{i}"] = ["MatMul", flops, nbytes]
+    driver = LatencyTable("p", {"sig0": 1.0})
+    assert driver.op_fit("MatMul") is None
+    assert driver.adopt(worker.timings({"sig0", "sig1", "sig2", "nope"})) == 2
+    assert driver.entries["sig0"] == 1.0  # not overwritten
+    assert driver.features["sig2"] == ["MatMul", 3e7, 9e5]
+    assert driver.adopt({"old": 0.5}) == 1 and driver.entries["old"] == 0.5
+    fresh = LatencyTable("p")
+    fresh.adopt(worker.timings(set(worker.entries)))
+    *fit, _ = fresh.op_fit("MatMul")
+    assert fit == pytest.approx(law, rel=1e-6)  # the adopted entries carry the law

@@ -123,7 +123,8 @@ class EvalResult:
     kinds: dict[str, str] = field(default_factory=dict)  # objective -> predicted|measured|...
     error: str | None = None
     eval_s: float = 0.0
-    latency_entries: dict[str, float] = field(default_factory=dict)
+    #: node timings this evaluation added: ``sig -> [seconds, family, flops, bytes]``
+    latency_entries: dict[str, list] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,7 +270,7 @@ class Evaluator:
                 latency_model.calibrate(
                     runtime, self.profile, self.table, repeats=10, min_round_s=0.0
                 )
-                added = {k: v for k, v in self.table.entries.items() if k not in before}
+                added = self.table.timings(set(self.table.entries) - before)
                 result.latency_entries = added
                 self._untimeable |= missing - set(added)
                 prediction = latency_model.predict(runtime, self.profile, self.table)
@@ -423,16 +424,12 @@ class EvalTask:
     measure: bool = False
     #: Latency-table entries other workers timed lately: a worker adopts them rather than
     #: timing the same new node signatures again (same device, same profile).
-    latency: tuple[tuple[str, float], ...] = ()
+    latency: tuple[tuple[str, list], ...] = ()
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """``item``: a policy dict, or ``{"steps": [...]}`` for a baseline pipeline."""
         evaluator = evaluator_for(self.config)
         if self.latency:
-            entries = evaluator.table.entries
-            fresh = {sig: s for sig, s in self.latency if sig not in entries}
-            if fresh:
-                entries.update(fresh)
-                evaluator.table._fits = None  # the per-op fits cover the new entries too
+            evaluator.table.adopt(dict(self.latency))  # with features: the laws cover them
         target = list(item["steps"]) if "steps" in item else Policy.from_dict(item)
         return evaluator.evaluate(target, measure=self.measure).to_dict()

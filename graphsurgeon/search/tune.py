@@ -329,7 +329,7 @@ class _Loop:
         self.evaluated = 0
         self.base_costs: dict[str, float] = {}
         self.search_s = 0.0
-        self.new_latency: dict[str, float] = {}
+        self.new_latency: dict[str, list] = {}  # sig -> [seconds, family, flops, bytes]
 
     # -- scores ---------------------------------------------------------------------------
     def score(self, row: PolicyRow) -> Score | None:
@@ -364,8 +364,8 @@ class _Loop:
     def _record(
         self, key: str, item: dict[str, Any], result: dict[str, Any], **kw: Any
     ) -> PolicyRow:
-        for sig, seconds in (result.get("latency_entries") or {}).items():
-            self.new_latency[sig] = seconds
+        for sig, timing in (result.get("latency_entries") or {}).items():
+            self.new_latency[sig] = timing
         status = result["status"]
         if status == "ok" and self.constraints.violation(result.get("objectives", {})) > 0:
             status = "infeasible"
@@ -684,7 +684,7 @@ def _write_outputs(result: TuneResult, loop: _Loop, config: EvalConfig, out: Pat
 
     if loop.new_latency:  # node timings taken during the search: keep them for next time
         table = LatencyTable.load(loop_profile(loop))
-        table.entries.update(loop.new_latency)
+        table.adopt(loop.new_latency)
         table.save(loop_profile(loop))
     with atomic_write(out / "pareto.json") as f:
         json.dump(result.to_dict(), f, indent=2, default=str)
