@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,9 +373,10 @@ def calibrate(
     repeats: int = 30,
     rounds: int = 5,
     min_round_s: float = 0.005,
+    only: Collection[str] | None = None,
 ) -> int:
-    """Time every node of ``model``'s :func:`runtime_graph` whose signature the table lacks;
-    returns how many.
+    """Time every node of ``model``'s :func:`runtime_graph` whose signature the table lacks
+    (and ``only`` lists, where given); returns how many.
 
     Each entry is the node's latency alone minus the session's fixed launch overhead, which
     a whole model pays once, not per node. The new nodes are timed in turn over ``rounds``
@@ -397,6 +399,8 @@ def calibrate(
             continue  # folded away at session creation
         sig = node_signature(node, layers.get(node))
         if sig is None or sig in table.entries or sig in pending:
+            continue
+        if only is not None and sig not in only:
             continue
         try:
             sub = _node_model(full, node, constants)
@@ -438,6 +442,9 @@ class Prediction:
     seconds: float
     from_table: int  # nodes found in the table
     from_roofline: int  # nodes estimated: the op type's fit over the table, else the roofline
+    #: signatures of estimated nodes no trusted family law covers (the roofline, or a law that
+    #: explains its entries poorly): the ones worth timing
+    uncovered: frozenset[str] = frozenset()
 
 
 def roofline_seconds(
@@ -452,6 +459,15 @@ def roofline_seconds(
 def breakdown(
     model: ir.Model, profile: HardwareProfile, table: LatencyTable
 ) -> tuple[dict[str, float], int, int]:
+    """Uncorrected seconds per op type, nodes from the table, nodes estimated (see
+    :func:`_breakdown`)."""
+    per_op, hits, misses, _ = _breakdown(model, profile, table)
+    return per_op, hits, misses
+
+
+def _breakdown(
+    model: ir.Model, profile: HardwareProfile, table: LatencyTable
+) -> tuple[dict[str, float], int, int, frozenset[str]]:
     """Uncorrected seconds per op type, nodes from the table, nodes estimated. A node missing
     from the table is charged by its op type's fit over the table (:meth:`LatencyTable.op_fit`:
     this device's measured cost per FLOP, per byte and per node); an op type the table has
@@ -463,6 +479,7 @@ def breakdown(
     layers = {layer.node: layer for layer in find_layers(model)}
     per_op: dict[str, float] = {}
     hits = misses = 0
+    uncovered: set[str] = set()
     for node in model.graph:
         if node.outputs and node.outputs[0].name in constants:
             continue
@@ -471,22 +488,24 @@ def breakdown(
         fit = table.op_fit(fit_key(node))
         flops, nbytes = _node_features(node)
         law = fit[0] * flops + fit[1] * nbytes + fit[2] if fit is not None else None
+        # one node timed alone carries its measurement's noise; its family's law pools every
+        # entry of that family, so a compute node whose law explains the entries well is
+        # charged by the law (other nodes keep their own entries)
+        trusted = law is not None and flops > 0 and fit[3] <= _TRUSTED_FIT
         if sig is not None and sig in table.entries:
             hits += 1
-            # one node timed alone carries its measurement's noise; its family's law pools
-            # every entry of that family, so a compute node whose law explains the entries
-            # well is charged by the law (other nodes keep their own entries)
-            trusted = law is not None and flops > 0 and fit[3] <= _TRUSTED_FIT
             seconds = law if trusted else table.entries[sig]
         else:
             misses += 1
+            if sig is not None and (law is None or fit[3] > _TRUSTED_FIT):
+                uncovered.add(sig)  # a law that explains its family's entries is charged
             if law is not None:
                 seconds = law
             else:
                 dtype = _DTYPE.get(layer.weight.dtype.name, "fp32") if layer else "fp32"
                 seconds = roofline_seconds(profile, flops, nbytes, dtype)
         per_op[node.op_type] = per_op.get(node.op_type, 0.0) + seconds
-    return per_op, hits, misses
+    return per_op, hits, misses, frozenset(uncovered)
 
 
 def _corrected(per_op: dict[str, float], profile: HardwareProfile, table: LatencyTable) -> float:
@@ -497,8 +516,8 @@ def _corrected(per_op: dict[str, float], profile: HardwareProfile, table: Latenc
 def predict(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> Prediction:
     """Estimated latency of ``model``: the table for known nodes, the roofline for the rest,
     corrected per op type (see :func:`fit_corrections`); the launch overhead is paid once."""
-    per_op, hits, misses = breakdown(model, profile, table)
-    return Prediction(max(0.0, _corrected(per_op, profile, table)), hits, misses)
+    per_op, hits, misses, uncovered = _breakdown(model, profile, table)
+    return Prediction(max(0.0, _corrected(per_op, profile, table)), hits, misses, uncovered)
 
 
 def fit_corrections(

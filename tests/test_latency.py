@@ -231,6 +231,11 @@ def test_unseen_signatures_are_charged_by_the_ops_fit_over_the_table() -> None:
     assert flops == 2 * 8 * 4 * 3
     assert nbytes == 4 * (8 * 4 + 4 * 3 + 8 * 3)  # x, W, h in fp32
     assert per_op["MatMul"] == pytest.approx(law[0] * flops + law[1] * nbytes + law[2])
+    # what a search times: only the Relu (no law); the MatMul's law is trusted
+    from graphsurgeon.latency_model import node_signature, predict
+
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    assert predict(model, profile, table).uncovered == {node_signature(relu, None)}
 
 
 def test_interleaved_rounds_fill_the_minimum_round_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -253,9 +253,12 @@ class Evaluator:
             result.kinds["robustness_drop"] = f"{self.noise_kind} {self.config.noise} x std"
 
     def _predicted(self, model: ir.Model, result: EvalResult) -> dict[str, float]:
-        """Latency from the table (nodes it lacks are timed alone first, once: a node that
-        cannot run alone is remembered and left to the roofline), energy from the profile's
-        model for that latency."""
+        """Latency from the table, energy from the profile's model for that latency.
+
+        Nodes the table lacks are charged by their kernel family's cost law where it is
+        trusted (a timing would be replaced by the law anyway); the others are timed alone
+        first, once (a node that cannot run alone is remembered and left to the roofline).
+        """
         from graphsurgeon import latency_model
         from graphsurgeon.energy import estimate_energy
         from graphsurgeon.measure import available_cpus
@@ -263,12 +266,12 @@ class Evaluator:
         # the graph onnxruntime runs, optimized once for predicting, timing and listing
         runtime = latency_model.runtime_graph(model, min(self.profile.threads(), available_cpus()))
         prediction = latency_model.predict(runtime, self.profile, self.table)
-        if self.config.time_missing_nodes and prediction.from_roofline:
-            missing = self._missing(runtime) - self._untimeable
+        if self.config.time_missing_nodes and prediction.uncovered:
+            missing = set(prediction.uncovered) - self._untimeable
             if missing:
                 before = set(self.table.entries)
                 latency_model.calibrate(
-                    runtime, self.profile, self.table, repeats=10, min_round_s=0.0
+                    runtime, self.profile, self.table, repeats=10, min_round_s=0.0, only=missing
                 )
                 added = self.table.timings(set(self.table.entries) - before)
                 result.latency_entries = added
@@ -288,11 +291,6 @@ class Evaluator:
         result.kinds["energy_mj"] = "estimated (profile model)"
         result.metrics["latency_nodes_roofline"] = float(prediction.from_roofline)
         return {"latency_ms": prediction.seconds * 1e3, "energy_mj": energy.joules * 1e3}
-
-    def _missing(self, model: ir.Model) -> set[str]:
-        from graphsurgeon.latency_model import missing_signatures
-
-        return missing_signatures(model, self.profile, self.table)
 
 
 _DTYPES = {"INT8": "int8", "UINT8": "int8", "INT4": "int4", "UINT4": "int4", "FLOAT16": "fp16"}
