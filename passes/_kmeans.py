@@ -1,8 +1,8 @@
 """Deterministic 1-D k-means (Lloyd's algorithm) for weight sharing, in numpy.
 
-Weights are scalars, so each Lloyd step is exact and cheap: with the centroids sorted, the
-nearest one is found by ``searchsorted`` over the midpoints between neighbours, and the update
-is a ``bincount`` mean. Lloyd's only finds a local optimum of ``sum (w - c[label(w)])^2``, so
+Weights are scalars, so each Lloyd step is exact and cheap: on sorted values each cluster is
+the run between two midpoints of neighbouring centroids, and its mean is a difference of
+prefix sums. Lloyd's only finds a local optimum of ``sum (w - c[label(w)])^2``, so
 it starts from greedy k-means++ seeds (each next seed is the best of a few draws with
 probability proportional to the squared distance to the nearest seed so far), a few times with
 fixed random seeds, and keeps the best.
@@ -40,10 +40,11 @@ _FITS = Memo("kmeans_1d")
 def _fit(
     values: np.ndarray, k: int, iterations: int, restarts: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    data = values[:: max(1, values.size // _FIT_SAMPLE)]
+    data = np.sort(values[:: max(1, values.size // _FIT_SAMPLE)])
+    prefix = np.concatenate([[0.0], np.cumsum(data)])
     best, best_cost = None, np.inf
     for seed in range(restarts):
-        centroids = _lloyd(data, _kmeanspp(data, k, seed), iterations, tol)
+        centroids = _lloyd(data, prefix, _kmeanspp(data, k, seed), iterations, tol)
         cost = float(np.sum((data - centroids[_assign(data, centroids)]) ** 2))
         if cost < best_cost:
             best, best_cost = centroids, cost
@@ -75,13 +76,20 @@ def _kmeanspp(data: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(centroids))
 
 
-def _lloyd(data: np.ndarray, centroids: np.ndarray, iterations: int, tol: float) -> np.ndarray:
-    k = centroids.size
+def _lloyd(
+    data: np.ndarray, prefix: np.ndarray, centroids: np.ndarray, iterations: int, tol: float
+) -> np.ndarray:
+    """Lloyd's steps on sorted ``data`` (``prefix``: its cumulative sums from 0). The values
+    nearest each centroid form a contiguous run between consecutive midpoints, so a step is
+    ``k`` binary searches and prefix-sum differences, O(k log n) rather than O(n log k); the
+    runs are exactly the clusters ``searchsorted`` over the midpoints assigns (ties go left).
+    """
     scale = max(1.0, float(np.max(np.abs(data), initial=0.0)))
     for _ in range(iterations):
-        labels = _assign(data, centroids)
-        counts = np.bincount(labels, minlength=k)
-        sums = np.bincount(labels, weights=data, minlength=k)
+        cuts = np.searchsorted(data, (centroids[1:] + centroids[:-1]) / 2, side="right")
+        bounds = np.concatenate([[0], cuts, [data.size]])
+        counts = np.diff(bounds)
+        sums = np.diff(prefix[bounds])
         new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centroids))
         moved = float(np.max(np.abs(new - centroids)))
         centroids = new
