@@ -43,3 +43,28 @@ def infer_shapes(model: ir.Model, *, strict: bool = False) -> onnx.ModelProto:
         ),
         model,
     )
+
+
+def check_and_infer(model: ir.Model, *, strict: bool = False) -> onnx.ModelProto | None:
+    """The checker, then shape inference, on one serialization of the model: the (weightless)
+    inferred proto, or None where inference fails and ``strict`` is off. Raises what the
+    checker raises; with ``strict``, inference failures raise too (the checker's full check:
+    strict inference with type checks)."""
+
+    def run(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+        onnx.checker.check_model(proto)
+        try:
+            return onnx.shape_inference.infer_shapes(
+                proto, check_type=True, strict_mode=strict, data_prop=True
+            )
+        except Exception:
+            if not strict:
+                return None
+            # the full check's own inference (no data propagation) decides, as before
+            onnx.checker.check_model(proto, full_check=True)
+            try:
+                return onnx.shape_inference.infer_shapes(proto, check_type=True, data_prop=True)
+            except Exception:
+                return None
+
+    return call_onnx_api(run, model)

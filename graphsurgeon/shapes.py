@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import onnx
 import onnx_ir as ir
 
 from graphsurgeon import onnx_api
@@ -99,20 +100,27 @@ class ShapeInferencePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:  # non-strict: annotate what can be inferred; strictness is the checker's job
-            inferred = ir.serde.deserialize_model(onnx_api.infer_shapes(model))
+            inferred = onnx_api.infer_shapes(model)
         except Exception:  # onnx raises assorted errors on models it cannot infer
             return ir.passes.PassResult(model, False)
-        modified = False
-        for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
-            inferred_values = ir.convenience.create_value_mapping(inferred_graph)
-            for name, value in ir.convenience.create_value_mapping(graph).items():
-                new = inferred_values.get(name)
-                if new is None:
-                    continue
-                if new.type is not None and new.type != value.type:
-                    value.type = new.type
-                    modified = True
-                if new.shape is not None and new.shape != value.shape:
-                    value.shape = new.shape
-                    modified = True
-        return ir.passes.PassResult(model, modified)
+        return ir.passes.PassResult(model, merge_inferred(model, inferred))
+
+
+def merge_inferred(model: ir.Model, proto: onnx.ModelProto) -> bool:
+    """Copy the types and shapes of ``proto`` (``model`` after ONNX shape inference) onto
+    ``model``'s values; returns whether any changed."""
+    inferred = ir.serde.deserialize_model(proto)
+    modified = False
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
+        inferred_values = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = inferred_values.get(name)
+            if new is None:
+                continue
+            if new.type is not None and new.type != value.type:
+                value.type = new.type
+                modified = True
+            if new.shape is not None and new.shape != value.shape:
+                value.shape = new.shape
+                modified = True
+    return modified

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from graphsurgeon import onnx_api
 from graphsurgeon.errors import VerificationError
-from graphsurgeon.shapes import ShapeInferencePass
+from graphsurgeon.shapes import merge_inferred
 
 # Exact passes reassociate float math (BN folding, Gemm fusion), so "equal" means
 # |a - b| <= ATOL_REL * max(1, max|ref|) + RTOL * |ref|.
@@ -67,10 +67,11 @@ def check_structure(
                     where=step,
                 )
     try:
-        onnx_api.check(model, full_check=strict_shapes)
+        inferred = onnx_api.check_and_infer(model, strict=strict_shapes)
     except Exception as e:
         raise VerificationError(f"fails the ONNX checker: {_first_line(e)}", where=step) from None
-    ShapeInferencePass()(model)  # annotate shapes for the next pass and for statistics
+    if inferred is not None:  # annotate shapes for the next pass and for statistics
+        merge_inferred(model, inferred)
 
 
 def strict_shape_inference_ok(model: ir.Model) -> bool:
