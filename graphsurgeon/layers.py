@@ -4,7 +4,8 @@ A layer is a Conv, ConvTranspose, Gemm, MatMul with a constant operand, LSTM, GR
 Gather on a constant floating-point table (an embedding). "Constant" means an initializer, a
 ``Constant`` node, or a ``DequantizeLinear`` of either (a quantized weight is still a weight).
 Packed weights count too (see :mod:`graphsurgeon.packed`): a com.microsoft ``MatMulNBits``
-is a layer, and so is any node whose weight a tagged decode subgraph rebuilds.
+is a layer, so is a fused com.microsoft ``Attention`` / ``QAttention`` (its Q/K/V weight),
+and so is any node whose weight a tagged decode subgraph rebuilds.
 
 Each layer gets a stable id, stored in the node's ``metadata_props`` so that it survives saving,
 reloading and rewrites: a node that replaces a layer (BatchNorm folded into a Conv, say) and
@@ -91,6 +92,9 @@ def _weight_index(node: ir.Node) -> int | None:
         return 0 if gather_block_weight(node) is not None else None  # a packed embedding
     if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
         return 1 if constant_of(node.inputs[1]) is not None else None  # static int8 MatMul
+    if node.op_type in ("Attention", "QAttention") and node.domain == "com.microsoft":
+        # fused self-attention (fuse-attention / quantize-dynamic): input 1 is the Q/K/V weight
+        return 1 if len(node.inputs) > 1 and constant_of(node.inputs[1]) is not None else None
     if DECODED_WEIGHT_KEY in node.metadata_props:
         return None  # a step that decodes a packed weight (its codebook Gather is no embedding)
     if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OP_TYPES:
