@@ -86,3 +86,35 @@ def test_transfer_matches_roles_and_reports_the_rest(tmp_path):
     assert abs(zeros["features/conv0"] - 0.3) < 0.02
     x = RNG.normal(size=(2, 3, 12, 12)).astype(np.float32)
     assert np.isfinite(run(make_session(model), {"x": x})["y"]).all()
+
+
+def test_transfer_keeps_the_sources_options_outside_the_search(tmp_path):
+    """A decision's settings that are not genes (a method's fixed accuracy_level, an option
+    edited into a stored policy) travel with it; an option the target pass does not declare
+    is reported, not silently dropped."""
+    src = cnn([8, 16], "backbone", None, tmp_path / "a.onnx")
+    dst = cnn([12, 24], "features", None, tmp_path / "b.onnx")
+    (head,) = [s for s in src.slots if s.id == "head/classifier"]
+    params = {"bits": 4, "group_size": 32, "accuracy_level": 1, "no_such_option": 3}
+    policy = Policy(
+        (
+            Decision(
+                head.id,
+                tuple(head.layers),
+                "quantize-weights",
+                tuple(sorted(params.items())),
+                role=src.roles[head.id],
+            ),
+        )
+    )
+    moved, report = transfer(policy, dst)
+    (d,) = [d for d in moved.decisions if d.slot == "head/classifier"]
+    assert d.method == "quantize-weights"
+    assert d.options["accuracy_level"] == 1  # not the catalogue's fixed 4
+    assert "no_such_option" not in d.options
+    (entry,) = [m for m in report.mapped if m["target"] == "head/classifier"]
+    assert entry["options_not_taken"] == ["no_such_option"]
+    # and it replays: the MatMul becomes MatMulNBits with the carried accuracy level
+    model = gs.run_pipeline(gs.load(tmp_path / "b.onnx"), moved.to_pipeline()).model
+    (nbits,) = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert nbits.attributes["accuracy_level"].value == 1

@@ -8,15 +8,19 @@ takes the decision of the source slot with the same op type that scores best on
     + 1 if the weight shapes are equal (0.5 if only the rank is)
     + 1 - |relative depth difference|
 
-and whose method the target slot allows. Parameters are carried over and snapped into the
-target slot's space (a rank capped at the target's size, say). Whatever could not be mapped is
-reported: source decisions no target slot took, and target slots left uncompressed.
+and whose method the target slot allows. Searched parameters are carried over and snapped
+into the target slot's space (a rank capped at the target's size, say); options the source
+decision holds outside the search (a method's fixed settings, such as ``accuracy_level``, or
+options edited into a stored policy) are kept where the pass declares them, rather than
+replaced by the target catalogue's defaults. Whatever could not be mapped is reported: source
+decisions no target slot took, options the target pass does not take, and target slots left
+uncompressed.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from graphsurgeon.search.policy import Decision, Policy
@@ -77,6 +81,7 @@ def transfer(policy: Policy, space: SearchSpace) -> tuple[Policy, TransferReport
             taken[slot.id] = (best[1], best[0])
     decisions = []
     used: set[str] = set()
+    kept: dict[str, dict[str, Any]] = {}  # slot -> the source's options outside the search
     for slot in space.slots:
         role_t = space.roles[slot.id]
         if slot.id not in taken:
@@ -87,24 +92,25 @@ def transfer(policy: Policy, space: SearchSpace) -> tuple[Policy, TransferReport
         names = [m.name for m in slot.methods]
         spaces = slot.spaces[names.index(src.method)]
         options = src.options
+        dropped: list[str] = []
         if src.method == "remove":
             params = {"unit": slot.units[0]}
         else:
             params = {k: _nearest(sp, options.get(k, _default(sp))) for k, sp in spaces.items()}
+            declared = _declared_options(src.method)
+            extra = {k: v for k, v in options.items() if k not in spaces}
+            kept[slot.id] = {k: v for k, v in extra.items() if k in declared}
+            dropped = sorted(k for k in extra if k not in declared)
         decisions.append(
             Decision(
                 slot.id, tuple(slot.layers), src.method, tuple(sorted(params.items())), role=role_t
             )
         )
         used.add(src.slot)
-        report.mapped.append(
-            {
-                "target": slot.id,
-                "source": src.slot,
-                "decision": decisions[-1].summary(),
-                "score": round(s, 3),
-            }
-        )
+        entry = {"target": slot.id, "source": src.slot, "score": round(s, 3)}
+        if dropped:
+            entry["options_not_taken"] = dropped
+        report.mapped.append(entry)
     for d in active:
         if d.slot not in used:
             reason = (
@@ -113,7 +119,26 @@ def transfer(policy: Policy, space: SearchSpace) -> tuple[Policy, TransferReport
             report.unmapped_source.append(
                 {"source": d.slot, "decision": d.summary(), "reason": reason}
             )
-    return space.decode(space.encode(Policy(tuple(decisions), space.prelude))), report
+    moved = space.decode(space.encode(Policy(tuple(decisions), space.prelude)))
+    final = []
+    for d in moved.decisions:
+        extra = kept.get(d.slot) if d.method != "none" else None
+        if extra:
+            d = replace(d, params=tuple(sorted({**d.options, **extra}.items())))
+        final.append(d)
+    by_slot = {d.slot: d for d in final}
+    for entry in report.mapped:
+        entry["decision"] = by_slot[entry["target"]].summary()
+    return Policy(tuple(final), moved.prelude), report
+
+
+def _declared_options(method: str) -> set[str]:
+    from graphsurgeon.registry import get_pass
+
+    try:
+        return set(get_pass(method).Options.model_fields)
+    except Exception:
+        return set()
 
 
 def _default(space: Any) -> Any:
