@@ -210,11 +210,22 @@ def test_seeds_are_valid_policies_that_run(digits, digits_space):
     assert offered - {"factorize-lowrank"} <= set().union(*methods)  # a uniform seed each
     assert methods[0] == {"quantize-int8"}  # the most promising first
     # all but the k most sensitive: int8 (mse) everywhere except slots[1], then slots[1], [3]
-    mixed = seeds[-3:]  # after the uniform ones
-    assert all(d.options == {"calibration": "mse"} for p in mixed for d in p.active)
-    kept = [{d.slot for d in p.decisions if d.method == "none"} for p in mixed]
+    mse = [
+        p
+        for p in seeds
+        if all(
+            d.method == "quantize-int8" and d.options == {"calibration": "mse"} for d in p.active
+        )
+    ]
+    kept = [{d.slot for d in p.decisions if d.method == "none"} for p in mse[1:]]  # [0]: uniform
     assert kept[:2] == [{slots[1].id}, {slots[1].id, slots[3].id}]
-    assert len(kept[2]) == 4 and kept[2] > kept[1]  # k = 1, 2, 4
+    assert len(kept) == 3 and len(kept[2]) == 4 and kept[2] > kept[1]  # k = 1, 2, 4
+    # dynamic int8: uniform per channel, uniform per tensor, then per channel but for the
+    # most sensitive of its slots
+    dynamic = [p for p in seeds if {d.method for d in p.active} == {"quantize-dynamic"}]
+    flags = [{d.options["per_channel"] for d in p.active} for p in dynamic]
+    assert flags[:2] == [{True}, {False}] and all(f == {True} for f in flags[2:])
+    assert len(dynamic) > 2 and len(dynamic[2].active) < len(dynamic[0].active)
     x = np.load(digits["test"])["input"][:64]
     want = run(make_session(model), {"input": x})["logits"]
     calib = gs.data.load_npz(digits["train"], model)
