@@ -101,7 +101,7 @@ class FuseAttention(GSPass):
         fusion.use_raw_attention_mask(o.mask == "raw")
         heads, hidden = o.num_heads, o.hidden_size
         if not (heads and hidden):
-            found = _heads_and_hidden(model)
+            found = heads_and_hidden(model)
             if found is None:
                 self.skip(
                     model.graph, "no [batch, seq, heads, head_size] reshape to read heads from"
@@ -139,7 +139,7 @@ class FuseAttention(GSPass):
         return PassResult(model, True)
 
 
-def _heads_and_hidden(model: ir.Model) -> tuple[int, int] | None:
+def heads_and_hidden(model: ir.Model) -> tuple[int, int] | None:
     """(heads, hidden size) as the graph spells them (onnxruntime's own detection reads
     only some export styles): hidden is the most common LayerNormalization width, heads the
     most common split of it by a 4-d Reshape ``[batch, seq, heads, head_size]`` (either of
@@ -331,4 +331,4 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-__all__ = ["FuseAttention", "UnfuseSkipLayerNorm"]
+__all__ = ["FuseAttention", "UnfuseSkipLayerNorm", "heads_and_hidden"]
