@@ -1,9 +1,10 @@
 """Activation ranges for int8 quantization, from onnxruntime's calibrators plus an MSE search.
 
-minmax, entropy and percentile are onnxruntime's own calibrators (``MinMaxCalibrater``,
-``EntropyCalibrater``, ``PercentileCalibrater``), run on the model once per method actually
-used. ORT has no MSE method; ``mse`` reuses the histograms ORT's percentile collector builds
-and picks the clipping range minimizing the expected quantization error (:func:`mse_range`).
+minmax, entropy and percentile compute what onnxruntime's calibrators (``MinMaxCalibrater``,
+``EntropyCalibrater``, ``PercentileCalibrater``) compute, from one run of the model shared by
+every method a quantization uses (:class:`ActivationRanges`). ORT has no MSE method; ``mse``
+reuses the histograms ORT's percentile collector builds and picks the clipping range
+minimizing the expected quantization error (:func:`mse_range`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
-from onnxruntime.quantization.calibrate import CalibraterBase
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod
+from onnxruntime.quantization.calibrate import CalibraterBase, HistogramCollector, TensorsData
 
 from graphsurgeon.data import Feed
 from graphsurgeon.memo import Memo, digest
@@ -29,23 +34,6 @@ ENTROPY_BINS = 512  # KL search cost grows with bins (ORT's search is a Python l
 # histograms, so both levels are memoized on content.
 _RANGES = Memo("activation_ranges", max_bytes=64 << 20)
 _THRESHOLDS = Memo("histogram_thresholds", max_bytes=64 << 20)
-
-
-class FeedReader(CalibrationDataReader):
-    """ORT's data reader interface over our calibration feeds (one pass, then ``None``)."""
-
-    def __init__(self, feeds: Sequence[Feed], input_names: set[str]) -> None:
-        self._feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
-        self._next = 0
-
-    def get_next(self) -> Feed | None:
-        if self._next >= len(self._feeds):
-            return None
-        self._next += 1
-        return self._feeds[self._next - 1]
-
-    def __len__(self) -> int:
-        return len(self._feeds)
 
 
 @contextlib.contextmanager
@@ -63,8 +51,14 @@ def quiet_ort_tools() -> Iterator[None]:
 class ActivationRanges:
     """Per-tensor ranges of the float activations around ``op_types`` nodes, per method.
 
-    Each calibrator runs the model over the feeds once, lazily, the first time its method is
-    asked for; percentile and mse share one histogram collection.
+    onnxruntime's calibrators each build an augmented model, a session and a run over the
+    feeds, one per method. Here one session (ORT's own settings: optimizations off) runs the
+    feeds once for every method a quantization asks for: min/max come from its outputs, and
+    the histograms are ORT's own :class:`HistogramCollector` fed exactly the batches ORT's
+    calibrator would feed it, so the ranges are the ones ORT's calibrators compute. The tensors
+    are the ones ORT selects (:meth:`CalibraterBase.select_tensors_to_calibrate`). Full
+    activations are kept (as ORT's histogram calibrators keep them) only when :meth:`expect`
+    was told of a histogram method, and only until both histograms are built.
     """
 
     def __init__(
@@ -79,7 +73,10 @@ class ActivationRanges:
         self.model_path, self.work_dir = model_path, work_dir
         self.feeds, self.input_names = feeds, input_names
         self.op_types, self.num_bins = list(op_types), num_bins
-        self._calibrators: dict[str, object] = {}
+        self._expected: set[str] = set()
+        self._collectors: dict[str, HistogramCollector] = {}
+        self._minmax: dict[str, Range] | None = None
+        self._arrays: dict[str, list[np.ndarray]] | None = None
         self._cache: dict[tuple[str, float, bool], dict[str, Range]] = {}
         self._digest: str | None = None
 
@@ -99,30 +96,78 @@ class ActivationRanges:
             self._digest = digest(*parts)
         return self._digest
 
-    def _calibrator(self, kind: str) -> CalibraterBase:
-        if kind not in self._calibrators:
-            method, extra = {
-                "minmax": (CalibrationMethod.MinMax, {}),
+    def expect(self, methods: set[str]) -> None:
+        """The methods this quantization will ask for: the one run collects what they all
+        need (full activations only when a histogram method is among them)."""
+        self._expected = set(methods)
+
+    def _run(self) -> None:
+        """One run of the feeds through the model with every calibrated tensor an output:
+        per-tensor min/max always, and the full activations when a histogram is expected."""
+        keep = bool(self._expected & {"entropy", "percentile", "mse"})
+        model = onnx.load(str(self.model_path))
+        inferred = onnx.shape_inference.infer_shapes(model)
+        selector = SimpleNamespace(op_types_to_calibrate=self.op_types)
+        tensors, value_infos = CalibraterBase.select_tensors_to_calibrate(selector, inferred)
+        outputs = {o.name for o in model.graph.output}
+        for name in sorted(tensors):
+            if name not in outputs:
+                model.graph.output.append(value_infos[name])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        if os.environ.get("GRAPHSURGEON_WORKER"):
+            options.intra_op_num_threads = 1  # a search worker shares the cores with others
+        if model.ByteSize() < (1 << 31) - (1 << 26):
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        else:
+            path = self.work_dir / "calibration.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs() if o.name in tensors]
+        lows: dict[str, list[float]] = {n: [] for n in names}
+        highs: dict[str, list[float]] = {n: [] for n in names}
+        arrays: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for feed in self.feeds:
+            values = session.run(names, {k: v for k, v in feed.items() if k in self.input_names})
+            for name, value in zip(names, values, strict=True):
+                if value.size:
+                    lows[name].append(float(np.min(value)))
+                    highs[name].append(float(np.max(value)))
+                if keep:
+                    arrays[name].append(value)
+        self._minmax = {
+            n: (float(np.nanmin(lows[n])), float(np.nanmax(highs[n]))) for n in names if lows[n]
+        }
+        self._arrays = arrays if keep else None
+
+    def _collector(self, kind: str) -> HistogramCollector:
+        """ORT's histogram collector of ``kind`` (entropy, or the signed histogram that
+        percentile and mse share), fed every batch in one call as ORT's calibrator does."""
+        if kind not in self._collectors:
+            collector = HistogramCollector(
+                method="entropy" if kind == "entropy" else "percentile",
+                # signed histogram (symmetric=False): both tails are cut, and MSE sees signs
+                symmetric=False,
                 # ORT's default of 128 bins for 128 quantized bins leaves the KL search one
                 # candidate, the min/max range; more bins give it thresholds to choose from.
-                "entropy": (CalibrationMethod.Entropy, {"num_bins": ENTROPY_BINS}),
-                # signed histogram (symmetric=False): both tails are cut, and MSE sees signs
-                "histogram": (
-                    CalibrationMethod.Percentile,
-                    {"symmetric": False, "num_bins": self.num_bins},
-                ),
-            }[kind]
+                num_bins=ENTROPY_BINS if kind == "entropy" else self.num_bins,
+                num_quantized_bins=128 if kind == "entropy" else 2048,
+                percentile=99.999,
+                scenario="same",
+            )
+            if self._arrays is None:
+                self._expected.add("entropy")
+                self._run()
+            assert self._arrays is not None
             with quiet_ort_tools():
-                calibrator = create_calibrator(
-                    self.model_path,
-                    self.op_types,
-                    augmented_model_path=str(self.work_dir / f"augmented_{kind}.onnx"),
-                    calibrate_method=method,
-                    extra_options=extra,
-                )
-                calibrator.collect_data(FeedReader(self.feeds, self.input_names))
-            self._calibrators[kind] = calibrator
-        return self._calibrators[kind]
+                collector.collect(dict(self._arrays))
+            self._collectors[kind] = collector
+            if len(self._collectors) == 2:
+                self._arrays = None  # both histograms built: the activations can go
+        return self._collectors[kind]
 
     def get(
         self, method: str, percentile: float = 99.999, symmetric: bool = False
@@ -136,9 +181,14 @@ class ActivationRanges:
         return self._cache[key]
 
     def _compute(self, method: str, percentile: float, symmetric: bool) -> dict[str, Range]:
+        if method == "minmax":
+            if self._minmax is None:
+                self._run()
+            assert self._minmax is not None
+            return dict(self._minmax)
         if method == "mse":
-            collector = self._calibrator("histogram").collector
-            ranges = {
+            collector = self._collector("histogram")
+            return {
                 name: _THRESHOLDS.get(
                     digest("mse", h[0], h[1], float(h[2]), float(h[3]), symmetric),
                     lambda h=h: mse_range(
@@ -147,19 +197,18 @@ class ActivationRanges:
                 )
                 for name, h in collector.histogram_dict.items()
             }
-        else:
-            calibrator = self._calibrator("histogram" if method == "percentile" else method)
-            if method == "percentile":
-                calibrator.collector.percentile = percentile
-            if method == "entropy":  # the same search as ORT's, without its Python loops
-                calibrator.collector.get_entropy_threshold = _memo_entropy_threshold
-            with quiet_ort_tools():
-                data = calibrator.compute_data()
-            ranges = {
-                name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
-                for name, d in data.items()
-            }
-        return ranges
+        collector = self._collector("histogram" if method == "percentile" else method)
+        if method == "percentile":
+            collector.percentile = percentile
+        if method == "entropy":  # the same search as ORT's, without its Python loops
+            collector.get_entropy_threshold = _memo_entropy_threshold
+        kind = CalibrationMethod.Percentile if method == "percentile" else CalibrationMethod.Entropy
+        with quiet_ort_tools():
+            data = TensorsData(kind, collector.compute_collection_result())
+        return {
+            name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
+            for name, d in data.items()
+        }
 
 
 def _memo_entropy_threshold(histogram: Sequence, num_quantized_bins: int) -> tuple:

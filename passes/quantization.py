@@ -456,6 +456,7 @@ class QuantizeInt8(_OrtQuantizePass):
         """The range of every calibrated tensor (pass-wide method), then each layer's own
         activations with the layer's method; symmetric layers get a TensorQuantOverride."""
         o = self.options
+        ranges.expect({o.calibration, *(item.options.calibration for item in planned)})
         table = dict(ranges.get(o.calibration, o.percentile, o.symmetric))
         owner: dict[str, str] = {}
         overrides: dict[str, list[dict[str, Any]]] = {}

@@ -465,3 +465,48 @@ def test_entropy_threshold_equals_onnxruntime_search() -> None:
         ort_low, ort_high = HistogramCollector("entropy", True, 512, 128, None, None).get_entropy_threshold(h, 128)  # fmt: skip
         low, high = entropy_threshold(h, 128)
         assert (float(low), float(high)) == (float(ort_low), float(ort_high))
+
+
+def test_shared_calibration_run_gives_onnxruntimes_calibrator_ranges(digits, tmp_path) -> None:
+    """One run shared by every method gives what ORT's MinMax, Entropy and Percentile
+    calibrators give on their own runs (same tensors, same ranges)."""
+    from graphsurgeon.passes._int8_ranges import ENTROPY_BINS, ActivationRanges, quiet_ort_tools
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    from graphsurgeon.calibration import calibration_feeds
+    from graphsurgeon.data import load_npz
+
+    model = gs.load(digits["model"], shapes={"input": [64, 1, 8, 8]})
+    feeds = calibration_feeds(model, load_npz(digits["train"], model), max_samples=192)
+    src = tmp_path / "m.onnx"
+    gs.save(model, src)
+    ops = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool"]
+    ours = ActivationRanges(src, tmp_path, feeds, {"input"}, ops, 1024)
+    ours.expect({"minmax", "entropy", "percentile"})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    for method, kind, extra in (
+        ("minmax", CalibrationMethod.MinMax, {}),
+        ("entropy", CalibrationMethod.Entropy, {"num_bins": ENTROPY_BINS}),
+        ("percentile", CalibrationMethod.Percentile, {"symmetric": False, "num_bins": 1024}),
+    ):
+        with quiet_ort_tools():
+            cal = create_calibrator(
+                src, ops, augmented_model_path=str(tmp_path / f"aug_{method}.onnx"),
+                calibrate_method=kind, extra_options=extra,
+            )  # fmt: skip
+            cal.collect_data(Reader())
+            theirs = {
+                k: (float(np.min(v.range_value[0])), float(np.max(v.range_value[1])))
+                for k, v in cal.compute_data().items()
+            }
+        mine = ours.get(method, 99.999)
+        assert set(mine) == set(theirs) and len(mine) > 5
+        for name, (low, high) in theirs.items():
+            assert mine[name] == pytest.approx((low, high), rel=1e-6, abs=1e-7), (method, name)
