@@ -25,6 +25,7 @@ counted in the MiniLM wall time.
     python benchmarks/search.py [--quick] [--models digits,minilm] [--strategies ga,random,bo,ppo]
         [--budget 200] [--minilm-budget 18m] [--workers 2] [--rounds 7] [--no-sensitivity]
     python benchmarks/search.py --retime   # the MiniLM policy vs quantize_dynamic, again
+    python benchmarks/search.py --ablation  # MiniLM: what fusion and per-channel scales buy
 
 Results go to benchmarks/results/search-cpu.json (``--quick``: search-cpu-quick.json); a run
 of some models keeps the file's other models.
@@ -126,17 +127,21 @@ def ort_baselines(case: dict[str, Any], tmp: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _ort_expert(source: Path, dst: Path) -> None:
+def _ort_expert(source: Path, dst: Path, opt_level: int | None = 0) -> None:
     """What an onnxruntime expert does for a BERT-like model on the CPU: onnxruntime's offline
-    transformer optimizer with its defaults (Attention, SkipLayerNormalization, BiasGelu,
-    EmbedLayerNormalization where they match), then ``quantize_dynamic`` (Attention ->
-    QAttention). Heads and hidden size as the graph spells them."""
+    transformer optimizer, then ``quantize_dynamic`` (Attention -> QAttention). Heads and
+    hidden size as the graph spells them. ``opt_level`` 0 (pattern fusions only) fuses
+    MiniLM's attention; the tool's default (None: onnxruntime's session optimizer first)
+    fuses SkipLayerNormalization but then no longer recognizes the attention, and is the
+    slower of the two (``--ablation``)."""
     from graphsurgeon.passes.fusion import heads_and_hidden
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
     heads, hidden = heads_and_hidden(gs.load(source)) or (0, 0)
-    fused = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden)
+    fused = optimize_model(
+        str(source), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=opt_level
+    )
     fused_path = dst.with_suffix(".fused.onnx")
     fused.save_model_to_file(str(fused_path))
     quantize_dynamic(fused_path, dst, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -303,11 +308,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only time the results file's MiniLM policy against quantize_dynamic again",
     )
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only time MiniLM's dynamic int8 variants with and without the fusion passes",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--json", help="results file (default benchmarks/results/search-cpu[-quick].json)"
     )
     args = ap.parse_args(argv)
+    if args.ablation:
+        return ablation(
+            Path(args.json) if args.json else ROOT / "benchmarks/results/search-cpu.json",
+            args.rounds,
+        )
     if args.retime:
         return retime(
             Path(args.json) if args.json else ROOT / "benchmarks/results/search-cpu.json",
@@ -396,34 +411,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def side_by_side(
-    case: dict[str, Any], tmp: Path, policy: dict[str, Any], rounds: int, runs: int = 40
-) -> dict[str, Any]:
-    """The fastest feasible policy and ``quantize_dynamic`` timed run by run in alternation
-    (A B B A ...: all see the same load), ``rounds`` x ``runs`` runs each, with
-    ``measure_model``'s session options (profile threads, sequential, pinned) on a real
-    sentence. Reported: the median of all runs and the 10th percentile (on a shared machine
-    the low percentiles are the runs no other process disturbed). Timed alongside, for
-    honesty: the onnxruntime expert recipe (transformers optimizer + quantize_dynamic) where
-    ``ort_baselines`` made it, and quantize_dynamic's model with only our exact
-    ``unfuse-skip-layernorm`` applied (how much of the gain that pass alone gives)."""
+def interleaved(
+    models: dict[str, ir.Model], feed: dict[str, np.ndarray], rounds: int, runs: int
+) -> tuple[int, dict[str, list[float]]]:
+    """Each model's run times (ms), ``rounds * runs`` runs each, taken in alternation (A B C
+    C B A ...: all see the same load) with ``measure_model``'s session options (profile
+    threads, sequential, pinned, no spinning) on one input."""
     import onnxruntime as ort
 
     from graphsurgeon.measure import available_cpus, pinned
     from graphsurgeon.profiles import load_profile
-    from graphsurgeon.search.policy import Policy
 
-    ev = evaluator_for(_config(case, policy.get("prelude")))
-    dynamic = gs.load(tmp / "ort_quantize_dynamic.onnx")
-    models = {"policy": ev.apply(Policy.from_dict(policy)), "quantize_dynamic": dynamic}
-    expert = tmp / "ort_transformers+quantize_dynamic.onnx"
-    if expert.exists():
-        models["transformers+quantize_dynamic"] = gs.load(expert)
-    models["quantize_dynamic+unfuse-skip-layernorm"] = gs.run_pipeline(
-        gs.load(tmp / "ort_quantize_dynamic.onnx"), ["unfuse-skip-layernorm"]
-    ).model
     threads = min(load_profile(PROFILE).threads(), available_cpus())
-    feed = next(iter(ev.eval_data.feeds(1, batch_size=1)))
     times: dict[str, list[float]] = {k: [] for k in models}
     with pinned(threads):
         sessions = {}
@@ -449,6 +448,111 @@ def side_by_side(
                 t0 = time.perf_counter()
                 session.run(None, inputs)
                 times[name].append((time.perf_counter() - t0) * 1e3)
+    return threads, times
+
+
+def ablation(path: Path, rounds: int) -> int:
+    """Where MiniLM's speed and accuracy come from: dynamic int8 per tensor (onnxruntime's
+    quantize_dynamic) and per channel (ours), each with and without fuse-attention and
+    unfuse-skip-layernorm, and onnxruntime's transformer optimizer (default level and
+    opt_level 0) + quantize_dynamic; all from the same cleaned model, timed in one
+    interleaved run, mean sentence cosine on the evaluation sentences."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from graphsurgeon.metrics import model_outputs, score
+
+    per_channel = {"name": "quantize-dynamic", "options": {"per_channel": True}}
+    ours = {
+        "per-channel dynamic": [per_channel],
+        "unfuse-skip-layernorm + per-channel dynamic": ["unfuse-skip-layernorm", per_channel],
+        "fuse-attention + per-channel dynamic": ["fuse-attention", per_channel],
+        "fuse-attention + unfuse-skip-layernorm + per-channel dynamic": [
+            "fuse-attention",
+            "unfuse-skip-layernorm",
+            per_channel,
+        ],
+    }
+    with tempfile.TemporaryDirectory(prefix="gs-search-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        case = cases(False, tmp)["minilm"]
+        ev = evaluator_for(_config(case))
+        source = tmp / "clean.onnx"
+        proto = ir.to_proto(ev.base_model())
+        del proto.graph.value_info[:]
+        onnx.save(proto, source)
+        quantize_dynamic(source, tmp / "qd.onnx")
+        _ort_expert(source, tmp / "expert0.onnx", opt_level=0)
+        _ort_expert(source, tmp / "expert.onnx", opt_level=None)
+        models = {
+            "ort quantize_dynamic": gs.load(tmp / "qd.onnx"),
+            "ort quantize_dynamic + unfuse-skip-layernorm": gs.run_pipeline(
+                gs.load(tmp / "qd.onnx"), ["unfuse-skip-layernorm"]
+            ).model,
+            "ort transformers (default level) + quantize_dynamic": gs.load(tmp / "expert.onnx"),
+            "ort transformers (opt_level 0) + quantize_dynamic": gs.load(tmp / "expert0.onnx"),
+        }
+        for name, steps in ours.items():
+            model = ev.base_model()
+            gs.run_pipeline(model, steps)
+            models[name] = model
+        cosine = {
+            k: score(ev.metric, model_outputs(m, ev.eval_data, case["max_samples"]),
+                     ev.reference, ev.labels)["mean_cosine"]
+            for k, m in models.items()
+        }  # fmt: skip
+        threads, times = interleaved(
+            models, next(iter(ev.eval_data.feeds(1, batch_size=1))), rounds, 40
+        )
+    base = float(np.median(times["ort quantize_dynamic"]))
+    rows = {
+        k: {
+            "mean_cosine": round(cosine[k], 4),
+            "ms": round(float(np.median(v)), 3),
+            "p10_ms": round(float(np.percentile(v, 10)), 3),
+            "speedup_vs_quantize_dynamic": round(base / float(np.median(v)), 3),
+        }
+        for k, v in times.items()
+    }
+    for k, r in rows.items():
+        print(f"{k:62s} cosine {r['mean_cosine']:.4f}  {r['ms']:.3f} ms  "
+              f"{r['speedup_vs_quantize_dynamic']:.2f}x")  # fmt: skip
+    report = json.loads(path.read_text())
+    report["models"]["minilm"]["ablation"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": rounds,
+        "runs_per_round": 40,
+        "threads": threads,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def side_by_side(
+    case: dict[str, Any], tmp: Path, policy: dict[str, Any], rounds: int, runs: int = 40
+) -> dict[str, Any]:
+    """The fastest feasible policy and ``quantize_dynamic`` timed run by run in alternation
+    (A B B A ...: all see the same load), ``rounds`` x ``runs`` runs each, with
+    ``measure_model``'s session options (profile threads, sequential, pinned) on a real
+    sentence. Reported: the median of all runs and the 10th percentile (on a shared machine
+    the low percentiles are the runs no other process disturbed). Timed alongside, for
+    honesty: the onnxruntime expert recipe (transformers optimizer + quantize_dynamic) where
+    ``ort_baselines`` made it, and quantize_dynamic's model with only our exact
+    ``unfuse-skip-layernorm`` applied (how much of the gain that pass alone gives)."""
+    from graphsurgeon.search.policy import Policy
+
+    ev = evaluator_for(_config(case, policy.get("prelude")))
+    dynamic = gs.load(tmp / "ort_quantize_dynamic.onnx")
+    models = {"policy": ev.apply(Policy.from_dict(policy)), "quantize_dynamic": dynamic}
+    expert = tmp / "ort_transformers+quantize_dynamic.onnx"
+    if expert.exists():
+        models["transformers+quantize_dynamic"] = gs.load(expert)
+    models["quantize_dynamic+unfuse-skip-layernorm"] = gs.run_pipeline(
+        gs.load(tmp / "ort_quantize_dynamic.onnx"), ["unfuse-skip-layernorm"]
+    ).model
+    threads, times = interleaved(
+        models, next(iter(ev.eval_data.feeds(1, batch_size=1))), rounds, runs
+    )
     med = {k: float(np.median(v)) for k, v in times.items()}
     low = {k: float(np.percentile(v, 10)) for k, v in times.items()}
     return {
