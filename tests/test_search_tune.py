@@ -26,11 +26,13 @@ from graphsurgeon.search.tune import tune
 FAST = "prune-magnitude,prune-nm,share-weights"
 
 
-def _args(digits, out, *extra: str) -> list[str]:
+def _args(
+    digits, out, *extra: str, strategy: tuple[str, ...] = ("--strategy-option", "pop_size=4")
+) -> list[str]:
     return [
         "tune", str(digits["model"]), "--profile", "x86-avx512-vnni",
         "--calib", str(digits["train"]), "--eval", str(digits["test"]),
-        "--methods", FAST, "--strategy-option", "pop_size=4", "--measure-front", "2",
+        "--methods", FAST, *strategy, "--measure-front", "2",
         "-o", str(out), "-q", *extra,
     ]  # fmt: skip
 
@@ -129,9 +131,14 @@ def test_a_failing_policy_is_recorded_and_the_search_goes_on(digits, tmp_path, m
     assert errors and all("injected failure" in e for e in errors)
 
 
-def test_resume_after_kill_loses_no_finished_evaluation(digits, tmp_path):
+@pytest.mark.parametrize(
+    "strategy",
+    [("--strategy-option", "pop_size=4"), ("--strategy", "bo")],
+    ids=["ga-batches", "bo-asynchronous"],
+)
+def test_resume_after_kill_loses_no_finished_evaluation(digits, tmp_path, strategy):
     out = tmp_path / "r"
-    args = _args(digits, out, "--budget", "20", "--seed", "3")
+    args = _args(digits, out, "--budget", "20", "--seed", "3", strategy=strategy)
     code = f"from graphsurgeon.cli import main; raise SystemExit(main({args!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     db_path = out / "search.db"

@@ -425,9 +425,15 @@ class EvalTask:
     latency: tuple[tuple[str, list], ...] = ()
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        """``item``: a policy dict, or ``{"steps": [...]}`` for a baseline pipeline."""
+        """``item``: a policy dict, or ``{"steps": [...]}`` for a baseline pipeline; either
+        may carry ``latency``, timings as in :attr:`latency` (an asynchronous search ships
+        them with each policy, as it has no batch to ship them with)."""
         evaluator = evaluator_for(self.config)
-        if self.latency:
-            evaluator.table.adopt(dict(self.latency))  # with features: the laws cover them
-        target = list(item["steps"]) if "steps" in item else Policy.from_dict(item)
+        for latency in (self.latency, item.get("latency")):
+            if latency:  # with features: the laws cover them
+                evaluator.table.adopt(dict(latency))
+        if "steps" in item:
+            target: Policy | list[Any] = list(item["steps"])
+        else:
+            target = Policy.from_dict({k: v for k, v in item.items() if k != "latency"})
         return evaluator.evaluate(target, measure=self.measure).to_dict()

@@ -12,9 +12,14 @@
 4. Write ``pareto.json``, ``best.onnx``, ``policy.yaml`` (replayable by ``graphsurgeon run``)
    and ``report.html``.
 
-Resume: the strategy's state is committed after each batch; on ``--resume`` it is restored, so
-it asks for the same batch again, and every policy of it that finished before the kill is read
-back from the database instead of being evaluated again.
+   Strategies that allow it (random, bo: :attr:`Strategy.asynchronous`) run without batch
+   barriers: a worker that frees up gets the next ``ask(1)`` at once, and results are told
+   as they arrive.
+
+Resume: the strategy's state is committed after each batch (every ``batch`` results when
+asynchronous); on ``--resume`` it is restored, so it asks for the same policies again, and
+every one that finished before the kill is read back from the database instead of being
+evaluated again.
 """
 
 from __future__ import annotations
@@ -403,6 +408,9 @@ class _Loop:
         s_budget: float | None,
         started: float,
     ) -> None:
+        if strategy.asynchronous:
+            self.search_async(strategy, ex, batch, n_budget, s_budget, started)
+            return
         with _Progress(self, n_budget, s_budget, started) as bar:
             while True:
                 # the node timings workers took so far travel with the batch's tasks
@@ -460,6 +468,89 @@ class _Loop:
                 strategy.tell(xs, [self.score(self.rows[k]) for k in keys])
                 self.db.save_state(self.study, strategy.state_dict())
                 bar.update(force=True)
+
+    def search_async(
+        self,
+        strategy: Strategy,
+        ex: Executor,
+        batch: int,
+        n_budget: int | None,
+        s_budget: float | None,
+        started: float,
+    ) -> None:
+        """The search without batch barriers, for strategies that allow it: the executor
+        pulls the next policy (``ask(1)``) whenever a worker frees up, and each result is
+        told as it arrives, so no worker waits for a batch's slowest policy or for the
+        strategy's own ask. The strategy's state is committed every ``batch`` results (a
+        resumed search asks again what came after, and finds those in the database)."""
+        waiting: dict[str, list[np.ndarray]] = {}  # in flight: key -> vectors asked for it
+        order: list[str] = []
+        told = 0
+
+        def tell(key: str, xs: list[np.ndarray]) -> None:
+            nonlocal told
+            strategy.tell(xs, [self.score(self.rows[key])] * len(xs))
+            told += len(xs)
+            if told >= batch:
+                self.db.save_state(self.study, strategy.state_dict())
+                told = 0
+
+        def items() -> Any:
+            while True:
+                elapsed = time.perf_counter() - started
+                if (n_budget is not None and self.asked >= n_budget) or (
+                    s_budget is not None and elapsed >= s_budget
+                ):
+                    return
+                (x,) = strategy.ask(1)
+                policy = self.space.decode(x)
+                key = policy.key()
+                (parents,) = self.parent_ids(strategy, [x])
+                self.asked += 1
+                if key in waiting:  # asked again while in flight: told with the first
+                    waiting[key].append(x)
+                    continue
+                if key not in self.rows:
+                    hit = self.db.cached(self.study.context_hash, key, self.study.profile_key)
+                    if hit is None:
+                        waiting[key] = [x]
+                        order.append(key)
+                        shared = tuple(list(self.new_latency.items())[-_SHARED_LATENCY:])
+                        yield {**policy.to_dict(), "latency": shared}, x, parents
+                        continue
+                    self.rows[key] = self._record(
+                        key, policy.to_dict(), result_of(hit), vector=x.tolist(), cached=True,
+                        parents=parents, generation=getattr(strategy, "generation", 0),
+                    )  # fmt: skip
+                tell(key, [x])
+
+        pulled: list[tuple[dict[str, Any], np.ndarray, list[int]]] = []
+
+        def payloads() -> Any:
+            for item in items():
+                pulled.append(item)
+                yield item[0]
+
+        with _Progress(self, n_budget, s_budget, started) as bar:
+            for i, result in ex.map_unordered(EvalTask(self.config), payloads()):
+                key = order[i]
+                item, x, parents = pulled[i]
+                if isinstance(result, BaseException):
+                    result = {
+                        "key": key,
+                        "status": "failed",
+                        "error": f"{type(result).__name__}: {result}",
+                    }
+                item = {k: v for k, v in item.items() if k != "latency"}
+                self.rows[key] = self._record(
+                    key, item, result, vector=x.tolist(), parents=parents,
+                    generation=getattr(strategy, "generation", 0),
+                )  # fmt: skip
+                self.evaluated += 1
+                tell(key, waiting.pop(key))
+                bar.update()
+            self.db.save_state(self.study, strategy.state_dict())
+            bar.update(force=True)
 
     def parent_ids(self, strategy: Strategy, xs: list[np.ndarray]) -> list[list[int]]:
         """Database ids of the policies each vector was bred from (``strategy.last_parents``;

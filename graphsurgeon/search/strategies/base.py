@@ -58,6 +58,10 @@ class Strategy(ABC):
 
     #: Options accepted besides the searchable hyperparameters (e.g. initial policies).
     extra_options: ClassVar[tuple[str, ...]] = ("initial",)
+    #: Whether ``ask(1)`` may be called while earlier asks are still being evaluated, and
+    #: each result told as it arrives (random samples; TPE, whose running trials are simply
+    #: not evidence yet). Generations (GA) and on-policy updates (PPO) need whole batches.
+    asynchronous: ClassVar[bool] = False
 
     @abstractmethod
     def ask(self, n: int) -> list[np.ndarray]:

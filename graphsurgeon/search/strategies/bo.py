@@ -110,6 +110,7 @@ class BOStrategy(Strategy):
     """Optuna TPE (or NSGA-II) over per-slot methods and their conditional parameters."""
 
     name: ClassVar[str] = "bo"
+    asynchronous: ClassVar[bool] = True  # Optuna's running trials are not evidence yet
     hyperparameters: ClassVar[dict[str, FloatRange | IntRange | Choice]] = {
         "sampler": Choice(["tpe", "nsga2"]),
         "n_startup_trials": IntRange(4, 64, log=True),

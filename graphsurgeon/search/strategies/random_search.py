@@ -13,6 +13,7 @@ class RandomSearch(Strategy):
     """Uniform vectors in ``[0, 1]^dim``; ``initial`` vectors (e.g. baselines) come first."""
 
     name = "random"
+    asynchronous = True
 
     def __init__(self, space, objectives, *, seed: int = 0, **hyper: Any) -> None:  # type: ignore[no-untyped-def]
         super().__init__(space, objectives, seed=seed, **hyper)
