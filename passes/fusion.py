@@ -91,7 +91,6 @@ class FuseAttention(GSPass):
         ):
             self.skip(model.graph, "the model has subgraphs (If/Loop); the fuser does not")
             return PassResult(model, False)
-        before = {layer.id: layer for layer in find_layers(model)}
         fusion = FusionOptions(o.model_type)
         fusion.enable_skip_layer_norm = False
         fusion.enable_bias_skip_layer_norm = False
@@ -99,16 +98,20 @@ class FuseAttention(GSPass):
         fusion.enable_gelu_approximation = False
         fusion.enable_bias_gelu = o.bias_gelu
         fusion.use_raw_attention_mask(o.mask == "raw")
+        # analysis and layer ids on a copy (reading a Constant's tensor renames it): a
+        # refusal leaves the model exactly as it was
+        work = ir.serde.deserialize_model(ir.to_proto(model))
         heads, hidden = o.num_heads, o.hidden_size
         if not (heads and hidden):
-            found = heads_and_hidden(model)
+            found = heads_and_hidden(work)
             if found is None:
                 self.skip(
                     model.graph, "no [batch, seq, heads, head_size] reshape to read heads from"
                 )
                 return PassResult(model, False)
             heads, hidden = heads or found[0], hidden or found[1]
-        proto = ir.to_proto(model)
+        before = {layer.id: layer for layer in find_layers(work)}
+        proto = ir.to_proto(work)
         del proto.graph.value_info[:]  # the fuser re-infers; stale entries mislead it
         try:
             with _quiet():
@@ -261,15 +264,22 @@ class UnfuseSkipLayerNorm(GSPass):
 
 def _residual_add(node: ir.Node) -> bool:
     out = node.outputs[0]
-    if len(node.inputs) != 2 or any(
-        v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs
-    ):
+    if len(node.inputs) != 2 or any(v is None or _constant(v) for v in node.inputs):
         return False
     return any(
         use.node.op_type == "LayerNormalization"
         and use.node.domain in ("", "ai.onnx")
         and use.idx == 0
         for use in out.uses()
+    )
+
+
+def _constant(value: ir.Value) -> bool:
+    """An initializer or a Constant's output (checked without get_const_tensor, which
+    renames a Constant's tensor as a side effect)."""
+    producer = value.producer()
+    return value.const_value is not None or (
+        producer is not None and producer.op_type == "Constant" and producer.domain == ""
     )
 
 
