@@ -35,6 +35,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise GraphSurgeonError("no such file", where=path)
     parse_budget(args.budget)  # fail before any work
+    args.prelude = _prelude(args.prelude)
     if args.workers < 1:
         raise GraphSurgeonError(f"--workers: at least 1, not {args.workers}")
     options: dict[str, Any] = {}
@@ -72,6 +73,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         search_lam=search_lam,
         seed=args.seed,
         methods=args.methods,
+        prelude=args.prelude,
         shapes=parse_shape_args(args.shape),
         noise=args.noise,
         robustness=args.robustness,
@@ -81,6 +83,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     _print_result(result)
     return 0
+
+
+def _prelude(text: str) -> list[str]:
+    """``--prelude a,b,c``: pass or pipeline names, each checked before any work."""
+    from graphsurgeon.pipeline import compile_pipeline
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise GraphSurgeonError("--prelude: give at least one pass or pipeline name")
+    for name in names:
+        try:
+            compile_pipeline(name, source="--prelude")
+        except GraphSurgeonError as e:
+            raise GraphSurgeonError(f"--prelude: {e.problem}") from None
+    return names
 
 
 #: The reward's lambda as ``--tune-search`` draws it (log-uniform around the default 1).
@@ -115,6 +132,7 @@ def _tune_search(
         eval=str(Path(args.eval).resolve()) if args.eval else None,
         metric=args.metric,
         shapes=shapes,
+        prelude=tuple(args.prelude),
     )
     evaluator = evaluator_for(config)
     space = SearchSpace.build(
@@ -154,6 +172,7 @@ def _tune_search(
             search_lam=knobs.get("lambda"),
             seed=args.seed + len(trials),
             methods=args.methods,
+            prelude=args.prelude,
             shapes=shapes,
             measure_front=0,
             strategy_options={**options, **strategy.hyper},
@@ -475,6 +494,13 @@ def add_commands(sub: argparse._SubParsersAction, add_shape: Callable) -> None: 
     )  # fmt: skip
     p.add_argument(
         "--methods", help="restrict per-layer methods: names or families (prune,quantize)"
+    )
+    p.add_argument(
+        "--prelude",
+        default="cleanup",
+        help="exact passes or pipelines applied before the search, comma-separated; every "
+        "policy, baseline and replay starts from their output (default: cleanup; for BERT-like "
+        "encoders on the CPU: cleanup,fuse-attention,unfuse-skip-layernorm)",
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--storage", help="SQLAlchemy URL of the policy DB (default: sqlite in -o)")

@@ -239,3 +239,41 @@ def test_skip_layernorm_split_matches_onnxruntime_kernel() -> None:
     got = run(make_session(model), feed)
     for name in names:
         np.testing.assert_allclose(got[name].ravel(), ref[name].ravel(), rtol=1e-5, atol=1e-5)
+
+
+def test_tune_with_the_transformer_prelude_replays_from_the_cli(tmp_path) -> None:
+    """`graphsurgeon tune --prelude cleanup,fuse-attention,unfuse-skip-layernorm`: the search
+    runs on the fused graph, and its policy.yaml (prelude included) replays with `graphsurgeon
+    run` to a model computing exactly what best.onnx computes."""
+    import yaml
+
+    import graphsurgeon as gs
+    from graphsurgeon.cli import main
+
+    src = tmp_path / "encoder.onnx"
+    gs.save(encoder_layer(), src)
+    rng = np.random.default_rng(2)
+    masks = np.ones((8, 1, S), np.int64)
+    masks[::2, 0, 3:] = 0
+    np.savez(
+        tmp_path / "calib.npz", x=rng.standard_normal((8, 1, S, H)).astype(np.float32), mask=masks
+    )
+    out = tmp_path / "run"
+    args = [
+        "tune", str(src), "--profile", "x86-avx512-vnni", "--calib", str(tmp_path / "calib.npz"),
+        "--prelude", "cleanup,fuse-attention,unfuse-skip-layernorm",
+        "--methods", "quantize-dynamic", "--strategy", "random", "--budget", "4",
+        "--measure-front", "1", "-o", str(out), "-q",
+    ]  # fmt: skip
+    assert main(args) == 0
+    spec = yaml.safe_load((out / "policy.yaml").read_text())
+    names = [s if isinstance(s, str) else s["name"] for s in spec["steps"]]
+    assert names[:3] == ["cleanup", "fuse-attention", "unfuse-skip-layernorm"]
+    replay = tmp_path / "replay.onnx"
+    assert main(["run", str(out / "policy.yaml"), str(src), "-o", str(replay)]) == 0
+    model = gs.load(replay)
+    assert ops(model)["Attention"] + ops(model)["QAttention"] == 1
+    assert ops(model)["Sum"] == 2 and ops(model)["Reshape"] == 0
+    best = gs.load(out / "best.onnx")
+    for feed in feeds():
+        np.testing.assert_array_equal(outputs(model, feed), outputs(best, feed))
