@@ -106,7 +106,9 @@ class FuseAttention(GSPass):
             found = heads_and_hidden(work)
             if found is None:
                 self.skip(
-                    model.graph, "no [batch, seq, heads, head_size] reshape to read heads from"
+                    model.graph,
+                    "no constant [batch, seq, heads, head_size] reshape to read the heads from: "
+                    "set num_heads and hidden_size, or fix the input shapes (--shape)",
                 )
                 return PassResult(model, False)
             heads, hidden = heads or found[0], hidden or found[1]
