@@ -154,7 +154,7 @@ def test_fuse_attention_refusals() -> None:
     fuse = FuseAttention()
     assert not fuse(model).modified
     assert ir.to_proto(model).SerializeToString() == before
-    assert "no [batch, seq, heads, head_size] reshape" in next(iter(fuse.skipped))
+    assert "no constant [batch, seq, heads, head_size] reshape" in next(iter(fuse.skipped))
     with pytest.raises(GraphSurgeonError, match="does not take targets"):
         FuseAttention(None, Targets(layers=["y"]))
     with pytest.raises(GraphSurgeonError, match="mask"):
