@@ -263,3 +263,39 @@ def test_fixed_options_reach_the_pass(tmp_path):
     model = gs.run_pipeline(gs.load(path), policy.to_pipeline()).model
     nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert nbits and all(n.attributes["accuracy_level"].value == 4 for n in nbits)
+
+
+def test_embedding_tables_are_slots_for_weight_quantization(tmp_path) -> None:
+    """An embedding table (Gather) is a slot that can be quantized (dynamic int8 rows, or
+    int4/int2 groups) but not pruned or factorized; a policy quantizing it replays and looks
+    rows up within the int8 step of the float table."""
+    table = RNG.normal(0, 1, (50, 16)).astype(np.float32)
+    w = RNG.normal(0, 1, (16, 8)).astype(np.float32)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Gather", ["table", "ids"], ["e"], name="embeddings/Gather"),
+            oh.make_node("MatMul", ["e", "w"], ["y"], name="head/MatMul"),
+        ],
+        "emb",
+        [oh.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])],
+        [nh.from_array(table, "table"), nh.from_array(w, "w")],
+    )
+    path = tmp_path / "emb.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=10), path)
+    model = gs.load(path)
+    space = SearchSpace.build(model)
+    (slot,) = [s for s in space.slots if s.op == "Gather"]
+    assert [m.name for m in slot.methods] == ["none", "quantize-dynamic", "quantize-weights"]
+    decision = Decision(slot.id, tuple(slot.layers), "quantize-dynamic", (("per_channel", False),))
+    policy = space.decode(space.encode(Policy((decision,))))
+    out = gs.run_pipeline(gs.load(path), policy.to_pipeline()).model
+    assert not any(n.op_type == "Gather" and n.inputs[0].name == "table" for n in out.graph)
+    ids = RNG.integers(0, 50, (2, 5)).astype(np.int64)
+    y, ref = run(make_session(out), {"ids": ids})["y"], run(make_session(model), {"ids": ids})["y"]
+    # each table entry is within half an int8 step (range / 255) of its float value, so
+    # |dy_j| <= step / 2 * sum_k |w_kj|
+    step = (table.max() - min(table.min(), 0)) / 255
+    bound = step / 2 * np.abs(w).sum(0) * 1.01
+    assert (np.abs(y - ref) <= bound).all()
+    assert np.abs(y - ref).max() > 0  # it was quantized

@@ -89,7 +89,7 @@ METHODS: dict[str, Method] = {
             "quantize",
             "layer",
             ("per_channel",),
-            frozenset({"Gemm", "MatMul", "Attention"}),
+            frozenset({"Gemm", "MatMul", "Attention", "Gather"}),
         ),
         # 8-bit goes through the int8 passes (real int8 kernels); weight-only takes 4 and 2.
         # accuracy_level 4: MatMulNBits multiplies an int8-quantized input in integers; on
@@ -99,7 +99,7 @@ METHODS: dict[str, Method] = {
             "quantize",
             "block",
             ("bits", "group_size"),
-            frozenset({"MatMul", "Gemm"}),
+            frozenset({"MatMul", "Gemm", "Gather"}),
             (("bits", (4, 2)),),
             (("accuracy_level", 4),),
         ),
@@ -225,7 +225,7 @@ class SearchSpace:
         layers = [
             layer
             for layer in find_layers(model)
-            if layer.node.graph is model.graph and layer.op_type != "Gather"
+            if layer.node.graph is model.graph
         ]
         by_id = {layer.id: layer for layer in layers}
         groups = _channel_groups(model, by_id) if METHODS["prune-channels"] in chosen else {}
