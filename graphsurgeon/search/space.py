@@ -14,6 +14,9 @@ and ints decode by bins, floats linearly or in log space, rounded to 4 significa
 ``decode(encode(p)) == p`` for every decodable ``p``. Several vectors decode to one policy;
 strategies may exploit the slack (neutral drift) and caches dedupe by :meth:`Policy.key`.
 
+Embedding tables (``Gather`` layers) are slots as well, for the methods that quantize weights
+(dynamic int8 rows, int4/int2 groups): on transformers they hold most of the bytes.
+
 *Granularity* follows from the method: element (prune-magnitude, prune-nm), block
 (prune-blocks, group-wise quantize-weights), channel (prune-channels, per-channel int8) or
 layer (factorize, share, dynamic int8, remove).
