@@ -225,11 +225,7 @@ class SearchSpace:
         if distill:
             get_pass("distill")  # a clear error where the training bridge is not installed
         ShapeInferencePass()(model)
-        layers = [
-            layer
-            for layer in find_layers(model)
-            if layer.node.graph is model.graph
-        ]
+        layers = [layer for layer in find_layers(model) if layer.node.graph is model.graph]
         by_id = {layer.id: layer for layer in layers}
         groups = _channel_groups(model, by_id) if METHODS["prune-channels"] in chosen else {}
         units = _removable_units(model) if METHODS["remove"] in chosen else []
