@@ -317,19 +317,6 @@ def runtime_graph(model: ir.Model, threads: int = 1) -> ir.Model:
 _RUNTIME_KEY = "graphsurgeon.runtime_graph"
 
 
-def missing_signatures(model: ir.Model, profile: HardwareProfile, table: LatencyTable) -> set[str]:
-    """Signatures of ``model``'s runtime-graph nodes the table has no entry for."""
-    model = runtime_graph(model, min(profile.threads(), available_cpus()))
-    constants = _constant_names(model)
-    layers = {layer.node: layer for layer in find_layers(model)}
-    sigs = {
-        node_signature(node, layers.get(node))
-        for node in model.graph
-        if not (node.outputs and node.outputs[0].name in constants)
-    }
-    return {s for s in sigs if s is not None and s not in table.entries}
-
-
 def _fill_missing_shapes(proto: onnx.ModelProto, feed: dict, folder: Path) -> None:
     """Values the optimizer saved without a type (its layout transforms' reorder tokens, some
     fused nodes' outputs) get the dtype and shape of one real run of the saved graph, with
@@ -571,7 +558,6 @@ __all__ = [
     "breakdown",
     "calibrate",
     "fit_corrections",
-    "missing_signatures",
     "node_signature",
     "predict",
     "roofline_seconds",

@@ -484,7 +484,6 @@ class _Loop:
         strategy's own ask. The strategy's state is committed every ``batch`` results (a
         resumed search asks again what came after, and finds those in the database)."""
         waiting: dict[str, list[np.ndarray]] = {}  # in flight: key -> vectors asked for it
-        order: list[str] = []
         told = 0
 
         def tell(key: str, xs: list[np.ndarray]) -> None:
@@ -514,9 +513,8 @@ class _Loop:
                     hit = self.db.cached(self.study.context_hash, key, self.study.profile_key)
                     if hit is None:
                         waiting[key] = [x]
-                        order.append(key)
                         shared = tuple(list(self.new_latency.items())[-_SHARED_LATENCY:])
-                        yield {**policy.to_dict(), "latency": shared}, x, parents
+                        yield key, {**policy.to_dict(), "latency": shared}, x, parents
                         continue
                     self.rows[key] = self._record(
                         key, policy.to_dict(), result_of(hit), vector=x.tolist(), cached=True,
@@ -524,17 +522,16 @@ class _Loop:
                     )  # fmt: skip
                 tell(key, [x])
 
-        pulled: list[tuple[dict[str, Any], np.ndarray, list[int]]] = []
+        pulled: list[tuple[str, dict[str, Any], np.ndarray, list[int]]] = []
 
-        def payloads() -> Any:
+        def payloads() -> Any:  # the executor numbers what it pulls: pulled[i] is item i
             for item in items():
                 pulled.append(item)
-                yield item[0]
+                yield item[1]
 
         with _Progress(self, n_budget, s_budget, started) as bar:
             for i, result in ex.map_unordered(EvalTask(self.config), payloads()):
-                key = order[i]
-                item, x, parents = pulled[i]
+                key, item, x, parents = pulled[i]
                 if isinstance(result, BaseException):
                     result = {
                         "key": key,
