@@ -101,10 +101,9 @@ class ActivationRanges:
         need (full activations only when a histogram method is among them)."""
         self._expected = set(methods)
 
-    def _run(self) -> None:
+    def _run(self, keep: bool) -> None:
         """One run of the feeds through the model with every calibrated tensor an output:
         per-tensor min/max always, and the full activations when a histogram is expected."""
-        keep = bool(self._expected & {"entropy", "percentile", "mse"})
         model = onnx.load(str(self.model_path))
         inferred = onnx.shape_inference.infer_shapes(model)
         selector = SimpleNamespace(op_types_to_calibrate=self.op_types)
@@ -159,8 +158,7 @@ class ActivationRanges:
                 scenario="same",
             )
             if self._arrays is None:
-                self._expected.add("entropy")
-                self._run()
+                self._run(keep=True)
             assert self._arrays is not None
             with quiet_ort_tools():
                 collector.collect(dict(self._arrays))
@@ -182,8 +180,8 @@ class ActivationRanges:
 
     def _compute(self, method: str, percentile: float, symmetric: bool) -> dict[str, Range]:
         if method == "minmax":
-            if self._minmax is None:
-                self._run()
+            if self._minmax is None:  # a histogram expected later shares this run
+                self._run(keep=bool(self._expected & {"entropy", "percentile", "mse"}))
             assert self._minmax is not None
             return dict(self._minmax)
         if method == "mse":
